@@ -1,0 +1,234 @@
+"""Plan types: what to train, as frozen dataclasses that round-trip ``plans.json``.
+
+Spatial lists inside a :class:`Configuration` are in the *preprocessed* axis order: the plan's
+``transpose_forward`` is applied to (z, y, x) arrays first, so that the coarsest axis comes first. A 2D
+configuration's spatial lists have two entries (the in-plane axes); its slices keep their own spacing.
+
+Every configuration carries ``why``: the reasons for its decisions, in plain words.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from autoseg.serialization import load_json, save_json
+
+__all__ = [
+    "FORMAT",
+    "NetworkSpec",
+    "ChannelNormalization",
+    "ResamplingSpec",
+    "LossSpec",
+    "AugmentationSpec",
+    "TrainingSpec",
+    "Configuration",
+    "DeviceSpec",
+    "Plans",
+    "load_plans",
+]
+
+FORMAT = 1
+
+
+@dataclass(frozen=True)
+class NetworkSpec:
+    """A U-Net: encoder stages (convolution blocks + downsampling by ``strides``), mirrored decoder.
+
+    ``block`` names an entry of the block registry (``plain``: ``n_conv_per_stage`` convolutions per encoder
+    stage; ``residual``: ``n_conv_per_stage`` residual blocks of two convolutions). ``strides[0]`` is the stride
+    of the first stage (all ones: no downsampling before the first stage).
+    """
+
+    n_stages: int
+    features_per_stage: tuple[int, ...]
+    kernel_sizes: tuple[tuple[int, ...], ...]
+    strides: tuple[tuple[int, ...], ...]
+    n_conv_per_stage: tuple[int, ...]
+    n_conv_per_stage_decoder: tuple[int, ...]
+    block: str = "plain"
+    norm: str = "instance"
+    nonlin: str = "leaky_relu"
+    deep_supervision: bool = True
+    conv_bias: bool = True
+
+    @property
+    def ndim(self) -> int:
+        return len(self.kernel_sizes[0])
+
+    @property
+    def total_stride(self) -> tuple[int, ...]:
+        """Product of the strides per axis: the patch size must be divisible by it."""
+        out = [1] * self.ndim
+        for s in self.strides:
+            out = [a * b for a, b in zip(out, s)]
+        return tuple(out)
+
+
+@dataclass(frozen=True)
+class ChannelNormalization:
+    """How one input channel is normalised.
+
+    ``scheme``: ``ct`` (clip to ``clip`` then subtract ``mean`` and divide by ``std``, dataset statistics of the
+    foreground), ``zscore`` (per image; only inside the non-zero mask when ``use_mask``), ``rescale`` (to [0, 1])
+    or ``none``.
+    """
+
+    scheme: str
+    use_mask: bool = False
+    clip: tuple[float, float] | None = None
+    mean: float | None = None
+    std: float | None = None
+
+
+@dataclass(frozen=True)
+class ResamplingSpec:
+    """Interpolation orders for resampling to the target spacing.
+
+    Images use ``order_image`` (3: cubic). Label maps are resampled per label with ``order_label`` on one-hot
+    masks (1: linear, then arg-max), which never invents a label value. When a case's spacing is anisotropic
+    (coarsest / finest > ``anisotropy_threshold``), the coarse axis is resampled separately with ``order_z``
+    (0: nearest) so that thick slices are not blurred into each other.
+    """
+
+    order_image: int = 3
+    order_label: int = 1
+    order_z: int = 0
+    anisotropy_threshold: float = 3.0
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """Loss: a registered name plus its options (``dice_ce``: soft Dice + cross-entropy)."""
+
+    name: str = "dice_ce"
+    batch_dice: bool = False
+    options: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class AugmentationSpec:
+    """Spatial and intensity augmentation. Angles in degrees; probabilities per sample.
+
+    ``strength`` scales every range and probability (1.0 = the defaults); the search tunes it.
+    """
+
+    mirror_axes: tuple[int, ...]
+    dummy_2d: bool = False
+    rotation_deg: float = 30.0
+    p_rotation: float = 0.2
+    scale_range: tuple[float, float] = (0.7, 1.4)
+    p_scale: float = 0.2
+    elastic: bool = False
+    p_elastic: float = 0.2
+    p_noise: float = 0.1
+    p_blur: float = 0.2
+    p_brightness: float = 0.15
+    p_contrast: float = 0.15
+    p_low_resolution: float = 0.25
+    p_gamma: float = 0.3
+    strength: float = 1.0
+
+
+@dataclass(frozen=True)
+class TrainingSpec:
+    """Optimiser and schedule. ``precision`` is ``auto`` (bf16/fp16 on CUDA, fp32 on CPU), ``fp32``, ``fp16`` or
+    ``bf16``."""
+
+    epochs: int = 1000
+    iterations_per_epoch: int = 250
+    val_iterations: int = 50
+    optimizer: str = "sgd"
+    learning_rate: float = 0.01
+    momentum: float = 0.99
+    nesterov: bool = True
+    weight_decay: float = 3e-5
+    lr_schedule: str = "poly"
+    poly_exponent: float = 0.9
+    grad_clip: float = 12.0
+    precision: str = "auto"
+    seed: int = 12345
+
+
+@dataclass(frozen=True)
+class Configuration:
+    """One trainable configuration (``2d``, ``3d_fullres``, ``3d_lowres``, ``3d_cascade_fullres``)."""
+
+    name: str
+    spacing: tuple[float, ...]
+    patch_size: tuple[int, ...]
+    batch_size: int
+    median_image_size: tuple[float, ...]
+    normalization: tuple[ChannelNormalization, ...]
+    network: NetworkSpec
+    augmentation: AugmentationSpec
+    resampling: ResamplingSpec = field(default_factory=ResamplingSpec)
+    loss: LossSpec = field(default_factory=LossSpec)
+    training: TrainingSpec = field(default_factory=TrainingSpec)
+    foreground_oversampling: float = 0.33
+    data_identifier: str = ""
+    previous_stage: str | None = None
+    inherits_from: str | None = None
+    estimated_memory_bytes: int = 0
+    why: tuple[str, ...] = ()
+
+    @property
+    def ndim(self) -> int:
+        return len(self.patch_size)
+
+    def with_reason(self, *reasons: str) -> Configuration:
+        return replace(self, why=self.why + tuple(reasons))
+
+
+@dataclass(frozen=True)
+class DeviceSpec:
+    """What the plan was made for: ``cpu`` or ``cuda``, the memory budget per job in bytes and CPU cores."""
+
+    kind: str
+    memory_bytes: int
+    name: str = ""
+    cpu_cores: int = 1
+
+
+@dataclass(frozen=True)
+class Plans:
+    """``plans.json``."""
+
+    dataset_name: str
+    planner: str
+    device: DeviceSpec
+    channels: tuple[str, ...]
+    labels: dict[str, int]
+    transpose_forward: tuple[int, ...]
+    transpose_backward: tuple[int, ...]
+    original_median_spacing: tuple[float, ...]
+    original_median_shape: tuple[float, ...]
+    configurations: dict[str, Configuration]
+    regions: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    region_class_order: tuple[int, ...] = ()
+    ignore_label: int | None = None
+    file_ending: str = ".nii.gz"
+    time_budget_hours: float | None = None
+    why: tuple[str, ...] = ()
+    search: dict[str, Any] | None = None
+    autoseg_version: str = ""
+    format: int = FORMAT
+
+    @property
+    def n_outputs(self) -> int:
+        """Network output channels: one per region, or one per label value (background included)."""
+        if self.regions:
+            return len(self.regions)
+        return len([v for v in self.labels.values() if v != self.ignore_label])
+
+    def save(self, path: Path) -> None:
+        save_json(self, path)
+
+
+def load_plans(path: Path | str) -> Plans:
+    """Read ``plans.json`` (a run folder is accepted too)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "plans.json"
+    return load_json(Plans, path, format_version=FORMAT)
