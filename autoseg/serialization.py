@@ -87,7 +87,7 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
             return tuple(coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
         if len(args) != len(value):
             raise ConfigError(f"{where}: expected {len(args)} values, got {len(value)}")
-        return tuple(coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(args, value)))
+        return tuple(coerce(v, a, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
     if origin in (dict, Mapping) or tp is dict:
         key_tp, val_tp = get_args(tp) or (str, Any)
         if not isinstance(value, Mapping):
