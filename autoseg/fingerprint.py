@@ -198,9 +198,12 @@ def _analyse_case(spec: DatasetSpec, case: Case, n_samples: int, seed: int) -> t
             n_components[str(value)] = int(k)
             volumes[str(value)] = tuple(float(s) * voxel_mm3 for s in sizes)
     result = CaseFingerprint(
-        id=case.id, spacing=geometry.spacing_zyx, shape=geometry.shape_zyx,
+        id=case.id,
+        spacing=geometry.spacing_zyx,
+        shape=geometry.shape_zyx,
         shape_after_crop=tuple(b - a for a, b in box),  # type: ignore[arg-type]
-        crop_bbox=box, class_voxels=class_voxels if label is not None else None,
+        crop_bbox=box,
+        class_voxels=class_voxels if label is not None else None,
         n_components=n_components if label is not None else None,
         component_volumes_mm3=volumes if label is not None else None,
     )
@@ -211,9 +214,15 @@ def _intensity_stats(values: np.ndarray) -> IntensityStats | None:
     if values.size == 0:
         return None
     p005, median, p995 = np.percentile(values, (0.5, 50.0, 99.5))
-    return IntensityStats(mean=float(values.mean(dtype=np.float64)), std=float(values.std(dtype=np.float64)),
-                          median=float(median), min=float(values.min()), max=float(values.max()),
-                          percentile_00_5=float(p005), percentile_99_5=float(p995))
+    return IntensityStats(
+        mean=float(values.mean(dtype=np.float64)),
+        std=float(values.std(dtype=np.float64)),
+        median=float(median),
+        min=float(values.min()),
+        max=float(values.max()),
+        percentile_00_5=float(p005),
+        percentile_99_5=float(p995),
+    )
 
 
 def _class_fingerprints(spec: DatasetSpec, cases: list[CaseFingerprint]) -> tuple[ClassFingerprint, ...]:
@@ -222,18 +231,27 @@ def _class_fingerprints(spec: DatasetSpec, cases: list[CaseFingerprint]) -> tupl
     for value in spec.foreground_values:
         key = str(value)
         voxels = [c.class_voxels.get(key, 0) for c in cases if c.class_voxels is not None]
-        vols = np.concatenate([np.asarray(c.component_volumes_mm3.get(key, ()), float) for c in cases
-                               if c.component_volumes_mm3 is not None] or [np.zeros(0)])
+        vols = np.concatenate(
+            [
+                np.asarray(c.component_volumes_mm3.get(key, ()), float)
+                for c in cases
+                if c.component_volumes_mm3 is not None
+            ]
+            or [np.zeros(0)]
+        )
         comps = [c.n_components.get(key, 0) for c in cases if c.n_components is not None]
-        out.append(ClassFingerprint(
-            label=value, name=spec.label_name(value),
-            voxel_fraction=float(sum(voxels)) / total_fg,
-            present_fraction=float(np.mean([v > 0 for v in voxels])) if voxels else None,
-            median_object_volume_mm3=float(np.median(vols)) if vols.size else None,
-            object_volume_mm3_p10=float(np.percentile(vols, 10)) if vols.size else None,
-            object_volume_mm3_p90=float(np.percentile(vols, 90)) if vols.size else None,
-            median_components_per_case=float(np.median(comps)) if comps else None,
-        ))
+        out.append(
+            ClassFingerprint(
+                label=value,
+                name=spec.label_name(value),
+                voxel_fraction=float(sum(voxels)) / total_fg,
+                present_fraction=float(np.mean([v > 0 for v in voxels])) if voxels else None,
+                median_object_volume_mm3=float(np.median(vols)) if vols.size else None,
+                object_volume_mm3_p10=float(np.percentile(vols, 10)) if vols.size else None,
+                object_volume_mm3_p90=float(np.percentile(vols, 90)) if vols.size else None,
+                median_components_per_case=float(np.median(comps)) if comps else None,
+            )
+        )
     return tuple(out)
 
 
@@ -295,15 +313,21 @@ def extract_fingerprint(
     fingerprint = Fingerprint(
         dataset_name=spec.name,
         dim=2 if all(c.shape_after_crop[0] == 1 for c in cases) else 3,
-        n_cases=len(cases), labels=dict(spec.labels), channels=tuple(channels),
-        classes=_class_fingerprints(spec, cases), cases=tuple(cases),
+        n_cases=len(cases),
+        labels=dict(spec.labels),
+        channels=tuple(channels),
+        classes=_class_fingerprints(spec, cases),
+        cases=tuple(cases),
         median_spacing=tuple(float(v) for v in np.median([c.spacing for c in cases], axis=0)),  # type: ignore[arg-type]
         median_shape_after_crop=tuple(float(v) for v in np.median(shapes, axis=0)),  # type: ignore[arg-type]
         median_relative_size_after_cropping=float(np.median(np.prod(shapes, 1) / np.prod(full, 1))),
-        regions=dict(spec.regions), region_class_order=spec.region_class_order, ignore_label=spec.ignore_label,
-        file_ending=spec.file_ending, signature=signature, seed=seed,
+        regions=dict(spec.regions),
+        region_class_order=spec.region_class_order,
+        ignore_label=spec.ignore_label,
+        file_ending=spec.file_ending,
+        signature=signature,
+        seed=seed,
     )
     if out_path is not None:
         fingerprint.save(Path(out_path))
     return fingerprint
-

@@ -19,7 +19,15 @@ from typing import Any, Literal
 import numpy as np
 
 from autoseg.data.geometry import Geometry
-from autoseg.data.io import IMAGE_ENDINGS, file_ending, is_dicom_series, read_image, read_images, read_label, strip_ending
+from autoseg.data.io import (
+    IMAGE_ENDINGS,
+    file_ending,
+    is_dicom_series,
+    read_image,
+    read_images,
+    read_label,
+    strip_ending,
+)
 from autoseg.errors import DatasetError
 
 __all__ = ["Case", "DatasetSpec", "scan", "discover", "load_case", "is_ct_channel"]
@@ -110,7 +118,9 @@ def _parse_labels(raw: Mapping[str, Any], where: Path) -> tuple[dict[str, int], 
             else:
                 labels[name] = value
         else:
-            raise DatasetError(f"{where}: label {name!r} has value {value!r}; expected an integer or a list of integers")
+            raise DatasetError(
+                f"{where}: label {name!r} has value {value!r}; expected an integer or a list of integers"
+            )
     if regions:  # region-based: label files hold the union of region values
         for v in sorted({v for vals in regions.values() for v in vals} | {0}):
             if v not in labels.values():
@@ -125,14 +135,19 @@ def _scan_nnunet(root: Path, meta: dict, problems: list[str]) -> DatasetSpec:
     where = root / "dataset.json"
     for key in ("channel_names", "labels", "file_ending"):
         if key not in meta:
-            raise DatasetError(f"{where}: missing key {key!r} (nnU-Net v2 layout needs channel_names, labels, file_ending)")
+            raise DatasetError(
+                f"{where}: missing key {key!r} (nnU-Net v2 layout needs channel_names, labels, file_ending)"
+            )
     ending = meta["file_ending"]
     channels = tuple(meta["channel_names"][k] for k in sorted(meta["channel_names"], key=int))
     labels, regions, ignore = _parse_labels(meta["labels"], where)
     if "dataset" in meta:
         cases = tuple(
-            Case(cid, tuple(_resolve(root, p) for p in entry["images"]),
-                 _resolve(root, entry["label"]) if entry.get("label") else None)
+            Case(
+                cid,
+                tuple(_resolve(root, p) for p in entry["images"]),
+                _resolve(root, entry["label"]) if entry.get("label") else None,
+            )
             for cid, entry in sorted(meta["dataset"].items())
         )
     else:
@@ -142,9 +157,17 @@ def _scan_nnunet(root: Path, meta: dict, problems: list[str]) -> DatasetSpec:
     if n is not None and n != len(cases):
         problems.append(f"{where}: numTraining is {n} but {len(cases)} training cases were found")
     return DatasetSpec(
-        name=meta.get("name", root.name), root=root, layout="nnunet", channels=channels, labels=labels,
-        file_ending=ending, cases=cases, test_cases=test_cases, regions=regions,
-        region_class_order=tuple(meta.get("regions_class_order", ())), ignore_label=ignore,
+        name=meta.get("name", root.name),
+        root=root,
+        layout="nnunet",
+        channels=channels,
+        labels=labels,
+        file_ending=ending,
+        cases=cases,
+        test_cases=test_cases,
+        regions=regions,
+        region_class_order=tuple(meta.get("regions_class_order", ())),
+        ignore_label=ignore,
     )
 
 
@@ -153,8 +176,9 @@ def _resolve(root: Path, p: str) -> Path:
     return path if path.is_absolute() else (root / path)
 
 
-def _cases_from_channel_files(images_dir: Path, labels_dir: Path | None, ending: str, n_channels: int,
-                              problems: list[str]) -> tuple[Case, ...]:
+def _cases_from_channel_files(
+    images_dir: Path, labels_dir: Path | None, ending: str, n_channels: int, problems: list[str]
+) -> tuple[Case, ...]:
     by_case: dict[str, dict[int, Path]] = defaultdict(dict)
     for p in _list_images(images_dir, ending):
         m = _CHANNEL_FILE.match(p.name[: -len(ending)])
@@ -167,8 +191,9 @@ def _cases_from_channel_files(images_dir: Path, labels_dir: Path | None, ending:
         missing = [c for c in range(n_channels) if c not in chans]
         extra = [c for c in chans if c >= n_channels]
         if missing:
-            problems.append(f"{images_dir}/{cid}: missing channel file(s) " +
-                            ", ".join(f"{cid}_{c:04d}{ending}" for c in missing))
+            problems.append(
+                f"{images_dir}/{cid}: missing channel file(s) " + ", ".join(f"{cid}_{c:04d}{ending}" for c in missing)
+            )
         if extra:
             problems.append(f"{images_dir}/{cid}: channel file(s) {extra} beyond the {n_channels} declared channels")
         label = None
@@ -209,9 +234,16 @@ def _scan_msd(root: Path, meta: dict, problems: list[str]) -> DatasetSpec:
         if image.exists():
             tests.append(Case(strip_ending(image), (image,)))
     ending = file_ending(cases[0].images[0]) if cases else ".nii.gz"
-    return DatasetSpec(name=meta.get("name", root.name), root=root, layout="msd", channels=channels,
-                       labels=dict(sorted(labels.items(), key=lambda kv: kv[1])), file_ending=ending,
-                       cases=tuple(cases), test_cases=tuple(tests))
+    return DatasetSpec(
+        name=meta.get("name", root.name),
+        root=root,
+        layout="msd",
+        channels=channels,
+        labels=dict(sorted(labels.items(), key=lambda kv: kv[1])),
+        file_ending=ending,
+        cases=tuple(cases),
+        test_cases=tuple(tests),
+    )
 
 
 def _scan_plain(root: Path, problems: list[str]) -> DatasetSpec:
@@ -244,8 +276,16 @@ def _scan_plain(root: Path, problems: list[str]) -> DatasetSpec:
     first = cases[0].images[0]
     channels, label_map, notes = _infer_channels_and_labels(cases)
     ending = file_ending(first) or ".nii.gz"  # DICOM input: labels and predictions are written as NIfTI
-    return DatasetSpec(name=root.name, root=root, layout=layout, channels=channels, labels=label_map,
-                       file_ending=ending, cases=tuple(cases), notes=notes)
+    return DatasetSpec(
+        name=root.name,
+        root=root,
+        layout=layout,
+        channels=channels,
+        labels=label_map,
+        file_ending=ending,
+        cases=tuple(cases),
+        notes=notes,
+    )
 
 
 def _infer_channels_and_labels(cases: list[Case]) -> tuple[tuple[str, ...], dict[str, int], tuple[str, ...]]:
@@ -287,8 +327,10 @@ def scan(root: Path | str) -> tuple[DatasetSpec, list[str]]:
         elif "training" in meta and "modality" in meta:
             spec = _scan_msd(root, meta, problems)
         else:
-            raise DatasetError(f"{meta_path}: neither nnU-Net v2 (channel_names, labels, file_ending) nor Decathlon "
-                               "(modality, labels, training) layout")
+            raise DatasetError(
+                f"{meta_path}: neither nnU-Net v2 (channel_names, labels, file_ending) nor Decathlon "
+                "(modality, labels, training) layout"
+            )
     else:
         spec = _scan_plain(root, problems)
     if not spec.cases:
@@ -314,12 +356,16 @@ def load_case(spec: DatasetSpec, case: Case) -> tuple[np.ndarray, np.ndarray | N
     """
     image, geometry = read_images(case.images)
     if image.shape[0] != len(spec.channels):
-        raise DatasetError(f"{case.images[0]}: {image.shape[0]} channel(s), but the dataset declares "
-                           f"{len(spec.channels)} ({', '.join(spec.channels)})")
+        raise DatasetError(
+            f"{case.images[0]}: {image.shape[0]} channel(s), but the dataset declares "
+            f"{len(spec.channels)} ({', '.join(spec.channels)})"
+        )
     if case.label is None:
         return image, None, geometry
     label, label_geometry = read_label(case.label, reference=geometry)
     if label_geometry.shape_zyx != geometry.shape_zyx:
-        raise DatasetError(f"{case.label}: shape {label_geometry.shape_zyx} differs from the image's "
-                           f"{geometry.shape_zyx} ({case.images[0]})")
+        raise DatasetError(
+            f"{case.label}: shape {label_geometry.shape_zyx} differs from the image's "
+            f"{geometry.shape_zyx} ({case.images[0]})"
+        )
     return image, label, geometry

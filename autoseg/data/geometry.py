@@ -51,5 +51,10 @@ class Geometry:
 
     def with_shape(self, shape_zyx: tuple[int, int, int]) -> Geometry:
         """The same geometry with another array shape (for resampled or cropped arrays)."""
-        return Geometry(self.spacing_zyx, tuple(int(s) for s in shape_zyx), self.origin_xyz,  # type: ignore[arg-type]
-                        self.direction_xyz, self.ndim)
+        return Geometry(
+            self.spacing_zyx,
+            tuple(int(s) for s in shape_zyx),
+            self.origin_xyz,  # type: ignore[arg-type]
+            self.direction_xyz,
+            self.ndim,
+        )

@@ -29,6 +29,7 @@ __all__ = [
     "read_image",
     "read_images",
     "read_label",
+    "read_header",
     "write_image",
     "to_sitk",
 ]
@@ -200,6 +201,29 @@ def read_image(path: Path | str) -> tuple[np.ndarray, Geometry]:
     return _from_sitk(_read_sitk(path))
 
 
+def read_header(path: Path | str) -> Geometry:
+    """Geometry of an image file from its header alone (no voxels read where the format allows)."""
+    path = Path(path)
+    if path.is_dir() or file_ending(path) in TIFF_ENDINGS:
+        return read_image(path)[1]
+    if not path.is_file():
+        raise ImageReadError(f"{path}: file not found")
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as exc:
+        raise ImageReadError(f"{path}: cannot read image header ({_first_line(exc)})") from None
+    size = reader.GetSize()
+    probe = sitk.Image([1] * len(size), reader.GetPixelID(), reader.GetNumberOfComponents())
+    probe.SetSpacing(reader.GetSpacing())
+    probe.SetOrigin(reader.GetOrigin())
+    probe.SetDirection(reader.GetDirection())
+    _, geometry = _from_sitk(probe)
+    shape = tuple(int(s) for s in size[::-1][-3:]) if len(size) >= 3 else (1, int(size[1]), int(size[0]))
+    return geometry.with_shape(shape)  # type: ignore[arg-type]
+
+
 def read_images(paths: Sequence[Path]) -> tuple[np.ndarray, Geometry]:
     """Read the channel files of one case and stack them: ((C, Z, Y, X) float32, geometry of the first file).
 
@@ -271,8 +295,11 @@ def _orient_like(image: sitk.Image, reference: Geometry) -> sitk.Image:
     )
     if not same:
         return image
-    log.info("label stored in orientation %s mapped exactly onto the image orientation %s",
-             sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(image.GetDirection()), code)
+    log.info(
+        "label stored in orientation %s mapped exactly onto the image orientation %s",
+        sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(image.GetDirection()),
+        code,
+    )
     return oriented
 
 
@@ -295,8 +322,7 @@ def write_image(array: np.ndarray, geometry: Geometry, path: Path | str) -> None
     if ending in TIFF_ENDINGS:
         import tifffile
 
-        atomic_path(path, lambda tmp: tifffile.imwrite(tmp, array[0] if geometry.is_2d else array,
-                                                       compression="zlib"))
+        atomic_path(path, lambda tmp: tifffile.imwrite(tmp, array[0] if geometry.is_2d else array, compression="zlib"))
         sidecar = path.with_name(strip_ending(path) + ".json")
         spacing = list(geometry.spacing_zyx[1:] if geometry.is_2d else geometry.spacing_zyx)
         atomic_path(sidecar, lambda tmp: tmp.write_text(json.dumps({"spacing": spacing})))

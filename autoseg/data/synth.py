@@ -36,8 +36,12 @@ class _Kind:
     make: Callable[[np.random.Generator], tuple[list[np.ndarray], np.ndarray, Geometry]]
 
 
-def _grid(rng: np.random.Generator, shape_range: tuple[tuple[int, int], ...],
-          spacing: tuple[float, float, float], jitter: float) -> tuple[np.ndarray, Geometry]:
+def _grid(
+    rng: np.random.Generator,
+    shape_range: tuple[tuple[int, int], ...],
+    spacing: tuple[float, float, float],
+    jitter: float,
+) -> tuple[np.ndarray, Geometry]:
     shape = tuple(int(rng.integers(lo, hi + 1)) for lo, hi in shape_range)
     spacing_zyx = tuple(float(s * rng.uniform(1 - jitter, 1 + jitter)) for s in spacing)
     origin = tuple(float(v) for v in rng.uniform(-200, 200, size=3))
@@ -47,8 +51,9 @@ def _grid(rng: np.random.Generator, shape_range: tuple[tuple[int, int], ...],
     return np.stack(np.meshgrid(*axes, indexing="ij")), geometry
 
 
-def _ellipsoid(coords: np.ndarray, centre, radii, rng: np.random.Generator | None = None,
-               wobble: float = 0.0) -> np.ndarray:
+def _ellipsoid(
+    coords: np.ndarray, centre, radii, rng: np.random.Generator | None = None, wobble: float = 0.0
+) -> np.ndarray:
     d = sum(((coords[i] - centre[i]) / radii[i]) ** 2 for i in range(len(radii)))
     if rng is not None and wobble:
         noise = ndimage.gaussian_filter(rng.standard_normal(d.shape), sigma=3)

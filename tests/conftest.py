@@ -1,0 +1,70 @@
+"""Shared fixtures: tiny anisotropic, non-cubic volumes and the real scans of ../shared/data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from autoseg.data.geometry import Geometry
+from autoseg.data.io import write_image
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+SHARED_DATA = SHARED / "data"
+
+
+def shared_data(*parts: str) -> Path:
+    """Path under ../shared/data, skipping the test with a reason when it is absent (clone outside the workspace)."""
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"{path} not present (real scans live in ../shared/data beside the checkout)")
+    return path
+
+
+def tiny_geometry(shape=(7, 11, 13), spacing=(3.0, 0.7, 0.8), origin=(10.0, -20.0, 5.5)) -> Geometry:
+    return Geometry(
+        tuple(map(float, spacing)),
+        tuple(shape),
+        tuple(map(float, origin)),
+        (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0),
+        3,
+    )
+
+
+def write_nnunet_dataset(
+    root: Path,
+    n_cases: int = 3,
+    channels=("CT",),
+    labels=None,
+    shape=(7, 11, 13),
+    seed: int = 0,
+    ending: str = ".nii.gz",
+) -> Path:
+    """A tiny nnU-Net v2 dataset: a box of foreground per case, values 0..len(labels)-1."""
+    labels = labels or {"background": 0, "a": 1, "b": 2}
+    rng = np.random.default_rng(seed)
+    geometry = tiny_geometry(shape)
+    for i in range(n_cases):
+        label = np.zeros(shape, np.uint8)
+        label[2:5, 3:8, 4:10] = 1
+        label[3, 5, 6] = 2 if len(labels) > 2 else 1
+        for c in range(len(channels)):
+            image = rng.normal(100 * (c + 1), 10, shape).astype(np.float32) + 50 * label
+            write_image(image, geometry, root / "imagesTr" / f"case_{i:02d}_{c:04d}{ending}")
+        write_image(label, geometry, root / "labelsTr" / f"case_{i:02d}{ending}")
+    meta = {
+        "channel_names": {str(c): n for c, n in enumerate(channels)},
+        "labels": labels,
+        "numTraining": n_cases,
+        "file_ending": ending,
+        "name": "tiny",
+    }
+    (root / "dataset.json").write_text(json.dumps(meta))
+    return root
+
+
+@pytest.fixture
+def tiny_dataset(tmp_path: Path) -> Path:
+    return write_nnunet_dataset(tmp_path / "data")
