@@ -1,0 +1,1 @@
+"""Training: cross-validation splits, losses, patch sampling, augmentation, the training loop and checkpoints."""
