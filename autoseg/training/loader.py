@@ -1,0 +1,268 @@
+"""Training batches: patch sampling with foreground oversampling, augmentation, and multi-process loading.
+
+Batch ``b`` depends only on ``(seed, b)``: every random draw of that batch comes from a generator seeded with
+both. So the order of batches is the same whatever the number of workers, and resuming at batch ``b`` continues
+the exact sequence (the sampler's whole state is the next batch index).
+
+Workers are separate processes, each producing every ``W``-th batch into its own bounded queue; the consumer reads
+them round-robin, which keeps the order without a reorder buffer. A worker that raises sends its traceback; a
+worker that dies (e.g. killed for memory) is detected and reported with its exit code.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import queue
+import random
+import signal
+import traceback
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from autoseg.errors import TrainingError
+from autoseg.planning.plans import AugmentationSpec
+from autoseg.training.augmentation import DownsampleTargets, build_transforms
+
+__all__ = ["CaseData", "CaseSource", "BatchRecipe", "sample_patch", "make_batch", "BatchLoader", "choose_workers"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CaseData:
+    """One preprocessed case: image (C, Z, Y, X), label (Z, Y, X), and voxel coordinates (N, 3) per class."""
+
+    image: np.ndarray
+    label: np.ndarray
+    locations: Mapping[int, np.ndarray]
+
+
+class CaseSource(Protocol):
+    """Where cases come from (picklable; ``open`` must be cheap, e.g. memory maps)."""
+
+    def open(self, case_id: str) -> CaseData: ...
+
+
+@dataclass(frozen=True)
+class BatchRecipe:
+    """Everything needed to make batch ``b`` (picklable, sent to workers)."""
+
+    case_ids: tuple[str, ...]
+    patch_size: tuple[int, ...]
+    sampling_patch_size: tuple[int, ...]
+    batch_size: int
+    oversample_foreground: float
+    augmentation: AugmentationSpec | None
+    ds_scales: tuple[tuple[float, ...], ...] | None
+    seed: int
+
+
+def _crop(array: np.ndarray, start: Sequence[int], size: Sequence[int]) -> np.ndarray:
+    """Crop ``array[..., start:start+size]`` over its last len(size) axes, padding with zeros outside."""
+    spatial = array.shape[-len(size) :]
+    out = np.zeros((*array.shape[: -len(size)], *size), dtype=array.dtype)
+    src, dst = [], []
+    for s, n, full in zip(start, size, spatial):
+        lo, hi = max(s, 0), min(s + n, full)
+        src.append(slice(lo, max(lo, hi)))
+        dst.append(slice(lo - s, lo - s + max(0, hi - lo)))
+    lead = (slice(None),) * (array.ndim - len(size))
+    out[(*lead, *dst)] = array[(*lead, *src)]
+    return out
+
+
+def sample_patch(
+    case: CaseData, size: Sequence[int], force_foreground: bool, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """Cut one patch of ``size`` (2 or 3 axes) from a 3D case: image (C, *size) and label (1, *size).
+
+    With ``force_foreground``, a class present in the case is drawn uniformly, then one of its stored voxels, and
+    the patch is placed around it (shifted inward at the borders, so the voxel stays inside). Otherwise the patch
+    position is uniform. 2D patches come from one slice (the foreground voxel's slice, or a random one).
+    """
+    image, label = case.image, case.label
+    classes = [c for c, locs in case.locations.items() if len(locs)]
+    centre = None
+    if force_foreground and classes:
+        locs = case.locations[classes[int(rng.integers(len(classes)))]]
+        centre = np.asarray(locs[int(rng.integers(len(locs)))])
+    if len(size) == 2:
+        z = int(centre[0]) if centre is not None else int(rng.integers(image.shape[1]))
+        image, label = image[:, z], label[z]
+        centre = centre[1:] if centre is not None else None
+    shape = label.shape
+    start = []
+    for axis, (n, full) in enumerate(zip(size, shape)):
+        lo, hi = min(0, full - n), max(0, full - n)
+        if centre is not None:
+            start.append(int(np.clip(centre[axis] - n // 2, lo, hi)))
+        else:
+            start.append(int(rng.integers(lo, hi + 1)))
+    return _crop(np.asarray(image), start, size), _crop(np.asarray(label)[None], start, size)
+
+
+def make_batch(source: CaseSource, recipe: BatchRecipe, index: int, transforms=None) -> dict:
+    """Batch number ``index``: {"data": (B, C, *patch) float32, "target": [ (B, 1, *scaled patch) int16, ... ]}."""
+    rng = np.random.default_rng([recipe.seed, index])
+    # batchgenerators draws from numpy's and Python's global generators: seed both from this batch's generator
+    np.random.seed(int(rng.integers(2**32)))  # noqa: NPY002
+    random.seed(int(rng.integers(2**32)))
+    images, labels = [], []
+    n_random = round(recipe.batch_size * (1 - recipe.oversample_foreground))
+    for i in range(recipe.batch_size):
+        case = source.open(recipe.case_ids[int(rng.integers(len(recipe.case_ids)))])
+        size = recipe.sampling_patch_size if recipe.augmentation is not None else recipe.patch_size
+        image, label = sample_patch(case, size, i >= n_random, rng)
+        images.append(image)
+        labels.append(label)
+    batch = {"data": np.stack(images).astype(np.float32, copy=False), "seg": np.stack(labels)}
+    if transforms is not None:
+        batch = transforms(**batch)
+    elif recipe.ds_scales is not None:
+        batch = DownsampleTargets(recipe.ds_scales)(**batch)
+    targets = batch["seg"] if isinstance(batch["seg"], list) else [batch["seg"]]
+    return {
+        "data": np.ascontiguousarray(batch["data"], dtype=np.float32),
+        "target": [np.rint(t).astype(np.int16) for t in targets],
+    }
+
+
+def _build(recipe: BatchRecipe):
+    if recipe.augmentation is None:
+        return None
+    return build_transforms(recipe.patch_size, recipe.augmentation, ds_scales=recipe.ds_scales)
+
+
+def _worker(source: CaseSource, recipe: BatchRecipe, first: int, stride: int, out: mp.Queue, stop) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and shuts workers down
+    try:
+        import torch
+
+        torch.set_num_threads(1)
+    except ImportError:
+        pass
+    try:
+        transforms = _build(recipe)
+        index = first
+        while not stop.is_set():
+            batch = make_batch(source, recipe, index, transforms)
+            while not stop.is_set():
+                try:
+                    out.put(("ok", index, batch), timeout=0.5)
+                    break
+                except queue.Full:
+                    continue
+            index += stride
+    except Exception:  # sent to the parent, which raises it with the worker's traceback
+        out.put(("error", first, traceback.format_exc()))
+
+
+def choose_workers(batch_bytes: int, *, cores: int | None = None, free_bytes: int | None = None) -> int:
+    """Worker processes: one core is left to the training process; each worker may hold ~4 batches in memory."""
+    cores = cores or os.cpu_count() or 1
+    if free_bytes is None:
+        try:
+            free_bytes = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError):
+            free_bytes = 4 * 2**30
+    by_memory = int(0.5 * free_bytes // max(1, 4 * batch_bytes + 256 * 2**20))
+    return max(1, min(cores - 1, by_memory, 12))
+
+
+class BatchLoader:
+    """Iterator over training batches from ``start`` on; ``workers=0`` makes them in this process.
+
+    Use as a context manager (or call :meth:`close`) so that worker processes always end.
+    """
+
+    def __init__(self, source: CaseSource, recipe: BatchRecipe, *, workers: int = 0, start: int = 0, prefetch: int = 3):
+        self.source, self.recipe, self.workers = source, recipe, workers
+        self.next_index = self._start = start
+        self._procs: list[mp.Process] = []
+        self._queues: list[mp.Queue] = []
+        self._transforms = None
+        if workers > 0:
+            ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+            self._stop = ctx.Event()
+            for w in range(workers):
+                q = ctx.Queue(maxsize=prefetch)
+                p = ctx.Process(
+                    target=_worker,
+                    args=(source, recipe, start + w, workers, q, self._stop),
+                    daemon=True,
+                    name=f"autoseg-loader-{w}",
+                )
+                p.start()
+                self._procs.append(p)
+                self._queues.append(q)
+        else:
+            self._transforms = _build(recipe)
+
+    def __iter__(self) -> Iterator[dict]:
+        return self
+
+    def __next__(self) -> dict:
+        if not self._procs:
+            batch = make_batch(self.source, self.recipe, self.next_index, self._transforms)
+            self.next_index += 1
+            return batch
+        w = (self.next_index - self._start) % self.workers
+        proc, q = self._procs[w], self._queues[w]
+        while True:
+            try:
+                kind, index, payload = q.get(timeout=1.0)
+                break
+            except queue.Empty:
+                if not proc.is_alive():
+                    code = proc.exitcode
+                    why = f"killed by signal {signal.Signals(-code).name}" if code and code < 0 else f"exit code {code}"
+                    oom = " (SIGKILL usually means the system ran out of memory; use fewer workers)"
+                    hint = oom if code == -9 else ""
+                    self.close()
+                    raise TrainingError(f"data loader worker {w} died: {why}{hint}") from None
+        if kind == "error":
+            self.close()
+            raise TrainingError(f"data loader worker {w} failed:\n{payload}")
+        if index != self.next_index:
+            self.close()
+            raise TrainingError(f"data loader out of order: expected batch {self.next_index}, got {index}")
+        self.next_index += 1
+        return payload
+
+    def close(self) -> None:
+        """Stop and join the workers (terminating any that do not stop within a few seconds)."""
+        if not self._procs:
+            return
+        self._stop.set()
+        for q in self._queues:
+            try:
+                while True:
+                    q.get_nowait()
+            except (queue.Empty, OSError, ValueError):
+                pass
+        for p in self._procs:
+            p.join(timeout=5)
+            if p.is_alive():
+                p.terminate()
+                p.join(timeout=5)
+        for q in self._queues:
+            q.close()
+            q.join_thread()
+        self._procs, self._queues = [], []
+
+    def __enter__(self) -> BatchLoader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
