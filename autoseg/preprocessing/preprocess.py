@@ -194,7 +194,14 @@ def preprocess_case(
     return data, seg, props
 
 
-def revert(array: np.ndarray, properties: CaseProperties, *, is_label: bool, order: int | None = None) -> np.ndarray:
+def revert(
+    array: np.ndarray,
+    properties: CaseProperties,
+    *,
+    is_label: bool,
+    order: int | None = None,
+    fill: Sequence[float] | None = None,
+) -> np.ndarray:
     """Map an array in the preprocessed space back onto the original image grid.
 
     Parameters
@@ -206,6 +213,8 @@ def revert(array: np.ndarray, properties: CaseProperties, *, is_label: bool, ord
         as images and padded with background (channel 0) = 1, other channels 0.
     order : in-plane interpolation order; default ``resampling.order_label`` for labels, 1 for probabilities.
         The coarse axis of an anisotropic case uses ``resampling.order_z``.
+    fill : probabilities only: the value of each channel outside the crop box (default background 1, others 0;
+        sigmoid region outputs want all 0).
 
     Returns
     -------
@@ -242,7 +251,9 @@ def revert(array: np.ndarray, properties: CaseProperties, *, is_label: bool, ord
     orders = axis_orders(3, 1 if order is None else order, spec.order_z, separate)
     out = np.zeros((array.shape[0], *p.geometry.shape_zyx), np.float32)
     view = transpose_spatial(out, p.transpose_forward)
-    view[0] = 1.0  # background outside the crop
+    for c, value in enumerate([1.0] + [0.0] * (array.shape[0] - 1) if fill is None else fill):
+        if value:
+            view[c] = value  # outside the crop box
     for c in range(array.shape[0]):
         view[c][box] = resample_image(array[c : c + 1], p.shape_after_crop, orders=orders, separate=separate)[0]
     return out
