@@ -79,14 +79,181 @@ def _cmd_fingerprint(args: argparse.Namespace) -> int:
 
         if not args.data:
             raise AutosegError("give the dataset folder (autoseg fingerprint DATA -o RUN) or --from-nnunet FILE")
+        from autoseg.runfolder import record_dataset
+
         with _progress_bar("fingerprint") as progress:
             fingerprint = extract_fingerprint(args.data, out, workers=args.workers, seed=args.seed, progress=progress)
+        record_dataset(args.output, args.data)
     print(
         f"{out}: {fingerprint.n_cases} cases, {fingerprint.dim}D, median spacing (z, y, x) "
         f"{tuple(round(s, 3) for s in fingerprint.median_spacing)} mm, median shape after crop "
         f"{tuple(round(s) for s in fingerprint.median_shape_after_crop)}"
     )
     return 0
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from autoseg.planning.planner import plan_run
+
+    plans = plan_run(
+        args.run,
+        preset=args.preset,
+        device=args.device,
+        gpu_memory_gb=args.gpu_memory,
+        time_budget_hours=args.time_budget,
+        overrides=args.set,
+    )
+    print(f"{Path(args.run) / 'plans.json'}: {plans.planner} plan for {plans.device.kind} ({plans.device.name})")
+    for name, c in plans.configurations.items():
+        print(
+            f"  {name}: spacing {[round(s, 3) for s in c.spacing]} mm, patch {list(c.patch_size)}, batch "
+            f"{c.batch_size}, {c.network.n_stages} stages {list(c.network.features_per_stage)} ({c.network.block}), "
+            f"loss {c.loss.name}, {c.training.epochs} epochs x {c.training.iterations_per_epoch}, "
+            f"~{c.estimated_memory_bytes / 2**30:.2f} GB"
+        )
+    return 0
+
+
+def _cmd_preprocess(args: argparse.Namespace) -> int:
+    from autoseg.preprocessing.preprocess import preprocess
+
+    with _progress_bar("preprocess") as progress:
+        done = preprocess(args.run, configurations=args.configs, workers=args.workers, progress=progress)
+    print(f"preprocessed {len(done)} case(s) (finished cases are skipped)")
+    return 0
+
+
+def _folds(value: str) -> list[str] | str:
+    if value in ("cv", "all-cv"):
+        return "cv"
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from autoseg.pipeline import train_jobs
+    from autoseg.planning.overrides import apply_overrides
+    from autoseg.planning.plans import load_plans
+    from autoseg.training.trainer import TrainOptions, train_fold
+
+    plans = apply_overrides(load_plans(args.run), args.set)
+    options = TrainOptions(device=args.device, workers=args.workers)
+    if args.no_jobs:  # one job in this process (used by the job launcher)
+        train_fold(args.run, args.config[0], args.fold, plans=plans, options=options)
+        return 0
+    train_jobs(
+        Path(args.run), plans, args.config, _folds(args.fold), devices=args.devices, overrides=args.set, options=options
+    )
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from autoseg.inference.predict import predict_path
+
+    with _progress_bar("predict") as progress:
+        written = predict_path(
+            args.model,
+            args.input,
+            args.output,
+            configs=args.configs,
+            folds=args.folds,
+            device=args.device,
+            mirror_mode="none" if args.no_tta else args.mirror,
+            save_probabilities=args.save_probabilities,
+            uncertainty=args.uncertainty,
+            skip_existing=args.continue_,
+            progress=progress,
+        )
+    print(f"wrote {len(written)} prediction(s) to {args.output}")
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from autoseg.evaluation.evaluate import evaluate_folders
+
+    summary = evaluate_folders(
+        args.pred,
+        args.gt,
+        labels=args.labels,
+        nsd_tolerance_mm=args.nsd_tolerance,
+        out=args.output,
+        workers=args.workers,
+    )
+    for name, stats in summary.per_class.items():
+        print(
+            f"class {name}: Dice {stats['dice'].mean:.4f}  HD95 {stats['hd95_mm'].mean:.2f} mm  "
+            f"NSD@{summary.nsd_tolerance_mm:g}mm {stats['nsd'].mean:.4f}  ({stats['dice'].n_defined} cases)"
+        )
+    print(
+        f"mean foreground Dice {summary.foreground_mean.get('dice', float('nan')):.4f}; "
+        f"summary in {Path(args.output or args.pred) / 'summary.json'}"
+    )
+    return 0
+
+
+def _print_selection(selection) -> None:
+    for name, dice in sorted(selection.candidates.items(), key=lambda kv: -kv[1]):
+        print(f"  {name}: cross-validation mean foreground Dice {dice:.4f}")
+    print(f"selected: {selection.best}")
+    if selection.runner_up:
+        d = selection.difference_to_runner_up
+        print(f"  vs {selection.runner_up}: {d['mean']:+.4f} (95% CI {d['ci_low']:+.4f} .. {d['ci_high']:+.4f})")
+    if selection.postprocessing is not None:
+        print(
+            f"  postprocessing: {selection.postprocessing} (Dice {selection.postprocessing_dice['before']:.4f} -> "
+            f"{selection.postprocessing_dice['after']:.4f})"
+        )
+
+
+def _cmd_select(args: argparse.Namespace) -> int:
+    from autoseg.inference.select import select
+
+    _print_selection(select(args.run, configurations=args.configs))
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from autoseg.pipeline import run_pipeline
+
+    selection = run_pipeline(
+        args.data,
+        args.output,
+        device=args.device,
+        gpu_memory_gb=args.gpu_memory,
+        time_budget_hours=args.time_budget,
+        preset=args.preset,
+        overrides=args.set,
+        configs=args.configs,
+        folds=_folds(args.folds),
+        devices=args.devices,
+        workers=args.workers,
+        search_trials=args.search_trials,
+        search_hours=args.search_time,
+        progress=lambda name: None,
+    )
+    if selection is not None:
+        _print_selection(selection)
+    return 0
+
+
+def _cmd_example(args: argparse.Namespace) -> int:
+    from autoseg.example import run_example
+
+    run_example(args.out, time_budget_hours=args.time_budget, cases=args.cases)
+    return 0
+
+
+def _plan_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="plan for auto (this machine), cpu or cuda")
+    p.add_argument("--gpu-memory", type=float, default=None, metavar="GB", help="plan for a GPU of this size")
+    p.add_argument("--time-budget", type=float, default=None, metavar="HOURS", help="training time for all jobs")
+    p.add_argument("--preset", default="default", choices=["default", "nnunet", "nnunet-resenc-m", "nnunet-resenc-l"])
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a plan field, e.g. training.epochs=50 or 3d_fullres.batch_size=4",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -120,6 +287,76 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the foreground intensity sampling")
     p.add_argument("--from-nnunet", metavar="FILE", help="import an nnU-Net v2 dataset_fingerprint.json instead")
     p.add_argument("--dataset-json", metavar="FILE", help="the dataset.json that goes with --from-nnunet")
+
+    p = add("plan", _cmd_plan, "plan configurations for the device and time budget (RUN/plans.json)")
+    p.add_argument("run", type=Path, help="run folder holding fingerprint.json")
+    _plan_options(p)
+
+    p = add("preprocess", _cmd_preprocess, "crop, normalise and resample the training cases (RUN/preprocessed/)")
+    p.add_argument("run", type=Path)
+    p.add_argument("-c", "--configs", nargs="+", default=None, help="configurations (default: all planned)")
+    p.add_argument("-j", "--workers", type=int, default=None, help="parallel workers (default: from cores and RAM)")
+
+    p = add("train", _cmd_train, "train configuration(s) x fold(s); finished folds are skipped, others resumed")
+    p.add_argument("run", type=Path)
+    p.add_argument("-c", "--config", nargs="+", default=None, help="configuration(s) (default: all planned)")
+    p.add_argument(
+        "-f",
+        "--fold",
+        default="cv",
+        help="fold number(s) 0,1,..., 'all' (train on every case) or 'cv' (every cross-validation fold, default)",
+    )
+    p.add_argument("--devices", default=None, help="GPUs to use, e.g. 0,1 (default: all visible; cpu without)")
+    p.add_argument("--device", default="auto", help="device of an in-process job (auto, cpu, cuda)")
+    p.add_argument("-j", "--workers", type=int, default=None, help="data loader processes (default: from cores/RAM)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a plan field")
+    p.add_argument("--no-jobs", action="store_true", help=argparse.SUPPRESS)
+
+    p = add("predict", _cmd_predict, "segment new images with a trained run folder")
+    p.add_argument("-m", "--model", type=Path, required=True, help="run folder")
+    p.add_argument("-i", "--input", type=Path, required=True, help="image folder, one image file, or a DICOM folder")
+    p.add_argument("-o", "--output", type=Path, required=True, help="output folder")
+    p.add_argument("--configs", nargs="+", default=None, help="configurations (default: selection.json)")
+    p.add_argument("--folds", nargs="+", default=None, help="folds (default: every trained fold)")
+    p.add_argument("--no-tta", action="store_true", help="no mirroring (fastest)")
+    p.add_argument(
+        "--mirror",
+        choices=["all", "single", "none"],
+        default="all",
+        help="test-time mirroring: all flip combinations (default), one flip per axis, or none",
+    )
+    p.add_argument("--save-probabilities", action="store_true", help="also write <case>.npz probabilities")
+    p.add_argument("--uncertainty", action="store_true", help="also write entropy/disagreement maps and scores")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--continue", dest="continue_", action="store_true", help="skip cases already predicted")
+
+    p = add("evaluate", _cmd_evaluate, "metrics of predicted label files against reference label files")
+    p.add_argument("pred", type=Path, help="folder of predictions")
+    p.add_argument("gt", type=Path, help="folder of reference labels (same file names)")
+    p.add_argument("--labels", type=int, nargs="+", default=None, help="label values (default: all in references)")
+    p.add_argument("--nsd-tolerance", type=float, default=1.0, metavar="MM", help="NSD tolerance in mm (default 1)")
+    p.add_argument("-o", "--output", type=Path, default=None, help="folder for summary.json/csv (default: PRED)")
+    p.add_argument("-j", "--workers", type=int, default=None)
+
+    p = add("select", _cmd_select, "choose configuration(s), ensemble and postprocessing on cross-validation")
+    p.add_argument("run", type=Path)
+    p.add_argument("--configs", nargs="+", default=None)
+
+    p = add("run", _cmd_run, "every stage: fingerprint, plan, preprocess, [search,] train all folds, select")
+    p.add_argument("data", type=Path, help="dataset folder")
+    p.add_argument("-o", "--output", type=Path, required=True, help="run folder")
+    _plan_options(p)
+    p.add_argument("--configs", nargs="+", default=None, help="configurations to train (default: all planned)")
+    p.add_argument("--folds", default="cv", help="'cv' (all cross-validation folds, default) or e.g. 0,1")
+    p.add_argument("--devices", default=None, help="GPUs to use, e.g. 0,1")
+    p.add_argument("-j", "--workers", type=int, default=None)
+    p.add_argument("--search-trials", type=int, default=0, help="run a search of N trials before training")
+    p.add_argument("--search-time", type=float, default=None, metavar="HOURS", help="search for this long instead")
+
+    p = add("example", _cmd_example, "the built-in example: synthetic CT, full pipeline on CPU, test Dice")
+    p.add_argument("out", type=Path, nargs="?", default=Path("example"), help="folder (default: ./example)")
+    p.add_argument("--time-budget", type=float, default=0.12, metavar="HOURS", help="training budget (default 0.12)")
+    p.add_argument("--cases", type=int, default=10, help="training cases (default 10)")
     return parser
 
 

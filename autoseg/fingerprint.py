@@ -173,7 +173,7 @@ def _analyse_case(spec: DatasetSpec, case: Case, n_samples: int, seed: int) -> t
     box = nonzero_bbox(image)
     sl = tuple(slice(a, b) for a, b in box)
     image, label = image[(slice(None), *sl)], label[sl] if label is not None else None
-    voxel_mm3 = float(np.prod(geometry.spacing_zyx)) if geometry.ndim == 3 else float(np.prod(geometry.spacing_zyx[1:]))
+    voxel_mm3 = geometry.voxel_volume_mm3
     rng = np.random.default_rng([seed, int.from_bytes(case.id.encode()[:8].ljust(8, b"\0"), "little")])
     samples: list[np.ndarray] = []
     class_voxels, n_components, volumes = {}, {}, {}

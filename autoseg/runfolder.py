@@ -34,8 +34,10 @@ def dataset_dir(run_dir: Path | str) -> Path:
         raise ConfigError(f"{path}: missing; run `autoseg fingerprint DATA -o {run_dir}` first (it records DATA)")
     data = Path(json.loads(path.read_text())["data_dir"])
     if not data.is_dir():
-        raise ConfigError(f"{path}: the recorded dataset folder {data} no longer exists; record the new location "
-                          f"with `autoseg fingerprint NEW_DATA -o {run_dir}`")
+        raise ConfigError(
+            f"{path}: the recorded dataset folder {data} no longer exists; record the new location "
+            f"with `autoseg fingerprint NEW_DATA -o {run_dir}`"
+        )
     return data
 
 

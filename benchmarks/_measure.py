@@ -43,8 +43,9 @@ def _rss(pid: int) -> int:
 def run_measured(cmd: list[str], *, env: dict | None = None, cwd: Path | None = None) -> dict:
     """Run ``cmd``; return wall seconds and the peak summed RSS of the process tree (polled every 20 ms)."""
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, cwd=cwd, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        cmd, env={**os.environ, **(env or {})}, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     peak = 0
     done = threading.Event()
 

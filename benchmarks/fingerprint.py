@@ -32,12 +32,35 @@ def main() -> None:
     shutil.rmtree(args.work, ignore_errors=True)
     raw = args.work / "nnUNet_raw" / "Dataset900_SynthCT"
     make_dataset(raw, "ct3d", args.cases, test_cases=0, seed=0)
-    env = {"nnUNet_raw": str(args.work / "nnUNet_raw"), "nnUNet_preprocessed": str(args.work / "pre"),
-           "nnUNet_results": str(args.work / "res")}
-    ours = run_measured([sys.executable, "-m", "autoseg.cli", "fingerprint", str(raw), "-o", str(args.work / "run"),
-                         "-j", str(args.workers)])
-    theirs = run_measured([str(Path(NNUNET_PYTHON).parent / "nnUNetv2_extract_fingerprint"), "-d", "900", "-np",
-                           str(args.workers), "--clean"], env=env)
+    env = {
+        "nnUNet_raw": str(args.work / "nnUNet_raw"),
+        "nnUNet_preprocessed": str(args.work / "pre"),
+        "nnUNet_results": str(args.work / "res"),
+    }
+    ours = run_measured(
+        [
+            sys.executable,
+            "-m",
+            "autoseg.cli",
+            "fingerprint",
+            str(raw),
+            "-o",
+            str(args.work / "run"),
+            "-j",
+            str(args.workers),
+        ]
+    )
+    theirs = run_measured(
+        [
+            str(Path(NNUNET_PYTHON).parent / "nnUNetv2_extract_fingerprint"),
+            "-d",
+            "900",
+            "-np",
+            str(args.workers),
+            "--clean",
+        ],
+        env=env,
+    )
     a = json.loads((args.work / "run" / "fingerprint.json").read_text())
     b = json.loads((args.work / "pre" / "Dataset900_SynthCT" / "dataset_fingerprint.json").read_text())
     nn_spacing = np.median(np.array(b["spacings"]), axis=0)
@@ -52,18 +75,23 @@ def main() -> None:
         rel = abs(fi_a[key] - fi_b[key]) / max(abs(fi_b[key]), 1e-9)
         agreement[f"{key}_relative_difference"] = round(rel, 5)
     agreement["percentiles_within_1pct"] = all(
-        agreement[f"{k}_relative_difference"] <= 0.01 for k in ("percentile_00_5", "percentile_99_5"))
+        agreement[f"{k}_relative_difference"] <= 0.01 for k in ("percentile_00_5", "percentile_99_5")
+    )
     rows = [
         {"tool": "autoseg", "wall_s": ours["wall_s"], "peak_rss_mib": ours["peak_rss_mib"]},
         {"tool": "nnU-Net v2", "wall_s": theirs["wall_s"], "peak_rss_mib": theirs["peak_rss_mib"]},
-        {"tool": "ratio nnU-Net/autoseg", "wall_s": round(theirs["wall_s"] / ours["wall_s"], 2),
-         "peak_rss_mib": round(theirs["peak_rss_mib"] / ours["peak_rss_mib"], 2)},
+        {
+            "tool": "ratio nnU-Net/autoseg",
+            "wall_s": round(theirs["wall_s"] / ours["wall_s"], 2),
+            "peak_rss_mib": round(theirs["peak_rss_mib"] / ours["peak_rss_mib"], 2),
+        },
     ]
     print(f"fingerprint of {args.cases} synthetic CT cases, {args.workers} workers")
     print_table(rows, ["tool", "wall_s", "peak_rss_mib"])
     print(json.dumps(agreement, indent=2))
-    path = write_results("fingerprint", {"cases": args.cases, "workers": args.workers, "rows": rows,
-                                         "agreement": agreement})
+    path = write_results(
+        "fingerprint", {"cases": args.cases, "workers": args.workers, "rows": rows, "agreement": agreement}
+    )
     print(f"wrote {path}")
 
 

@@ -39,6 +39,11 @@ class Geometry:
     def is_2d(self) -> bool:
         return self.ndim == 2
 
+    @property
+    def voxel_volume_mm3(self) -> float:
+        """Volume of one voxel (its area in mm^2 for 2D images)."""
+        return float(np.prod(self.spacing_zyx[1:] if self.is_2d else self.spacing_zyx))
+
     def same_grid(self, other: Geometry, *, atol: float = 1e-3) -> bool:
         """True when both describe the same voxel grid (shape, spacing, origin and direction within ``atol``)."""
         return (

@@ -98,8 +98,15 @@ def _list_images(folder: Path, ending: str | None) -> dict[str, Path]:
     return files
 
 
-def _pair(pred_dir: Path, ref_dir: Path, ending: str | None) -> list[tuple[str, Path, Path]]:
+def _pair(
+    pred_dir: Path, ref_dir: Path, ending: str | None, only: Sequence[str] | None = None
+) -> list[tuple[str, Path, Path]]:
     refs, preds = _list_images(ref_dir, ending), _list_images(pred_dir, ending)
+    if only is not None:
+        unknown = sorted(set(only) - set(refs))
+        if unknown:
+            raise DatasetError(f"{ref_dir}: no reference label file for case(s) {unknown[:20]}")
+        refs = {case: refs[case] for case in only}
     if not refs:
         raise DatasetError(f"{ref_dir}: no reference label files{f' ending in {ending}' if ending else ''}")
     missing = sorted(set(refs) - set(preds))
@@ -222,6 +229,7 @@ def evaluate_folders(
     out: Path | str | None = None,
     workers: int | None = None,
     file_ending: str | None = None,
+    only_cases: Sequence[str] | None = None,
 ) -> Summary:
     """Compare every reference label file in ``ref_dir`` with the prediction of the same name in ``pred_dir``.
 
@@ -236,13 +244,14 @@ def evaluate_folders(
     out : folder for ``summary.json`` and ``summary.csv``; by default ``pred_dir``.
     workers : processes computing cases in parallel; default: one per CPU; 0 or 1 computes in this process.
     file_ending : only pair files with this ending (e.g. ``".nii.gz"``); by default any image ending.
+    only_cases : evaluate only these reference cases (e.g. the validation cases of one fold).
 
     Raises
     ------
     DatasetError : a reference has no prediction, a pair is not on the same grid, or a file cannot be read.
     """
     pred_dir, ref_dir = Path(pred_dir), Path(ref_dir)
-    pairs = _pair(pred_dir, ref_dir, file_ending)
+    pairs = _pair(pred_dir, ref_dir, file_ending, only_cases)
     region_map = {name: tuple(int(v) for v in values) for name, values in (regions or {}).items()}
     fixed = None if labels is None else tuple(int(v) for v in labels)
     jobs = [(pred, ref, fixed, region_map, ignore_label, nsd_tolerance_mm) for _, pred, ref in pairs]

@@ -20,7 +20,7 @@ import numpy as np
 from autoseg.errors import ConfigError, DatasetError
 from autoseg.serialization import load_json, save_json
 
-__all__ = ["FORMAT", "Fold", "Splits", "make_splits", "save_splits", "load_splits", "fold_cases"]
+__all__ = ["FORMAT", "Fold", "Splits", "make_splits", "load_or_make_splits", "save_splits", "load_splits", "fold_cases"]
 
 FORMAT = 1
 
@@ -148,3 +148,23 @@ def fold_cases(splits: Splits, fold: int | Literal["all"]) -> tuple[tuple[str, .
             f"use 0 to {splits.n_folds - 1} or 'all'"
         )
     return splits.folds[fold].train, splits.folds[fold].val
+
+
+def load_or_make_splits(run_dir: Path | str, case_ids: Sequence[str], *, n_folds: int = 5, seed: int = 12345) -> Splits:
+    """``RUN/splits.json`` if it exists (it must cover ``case_ids``), else new splits saved there.
+
+    Datasets with fewer cases than ``n_folds`` get one fold per case (logged), so tiny datasets still train.
+    """
+    path = Path(run_dir) / "splits.json"
+    if path.is_file():
+        splits = load_splits(path)
+        missing = sorted(set(case_ids) - set(splits.case_ids))
+        if missing:
+            raise ConfigError(f"{path}: cases {missing[:5]} are in no fold; delete the file to make new splits")
+        return splits
+    if len(case_ids) < n_folds:
+        logger.warning("only %d cases: using %d folds instead of %d", len(case_ids), len(case_ids), n_folds)
+        n_folds = len(case_ids)
+    splits = make_splits(case_ids, n_folds=n_folds, seed=seed)
+    save_splits(splits, path)
+    return splits

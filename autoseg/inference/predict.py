@@ -1,0 +1,117 @@
+"""``autoseg predict``: label files for a folder, a file or a DICOM series, in the inputs' exact geometry.
+
+Inputs are named like the training images: ``<case>_0000<ending>`` (one file per channel), or plain
+``<case><ending>`` for single-channel models; a DICOM series folder is one case. Outputs are ``<case><ending>``
+(NIfTI for DICOM input). ``--uncertainty`` adds ``<case>_entropy.nii.gz`` (and ``<case>_disagreement.nii.gz``
+for ensembles) and ``uncertainty.json`` with per-case scores; ``--save-probabilities`` adds ``<case>.npz``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from autoseg.data.dataset import Case
+from autoseg.data.io import file_ending, is_dicom_series, read_images, strip_ending, write_image
+from autoseg.errors import InferenceError
+from autoseg.files import atomic_path, write_text_atomic
+from autoseg.inference.predictor import Predictor
+
+__all__ = ["collect_inputs", "predict_path"]
+
+log = logging.getLogger(__name__)
+
+_CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
+
+
+def collect_inputs(path: Path | str, n_channels: int) -> list[tuple[Case, str]]:
+    """Cases to predict under ``path`` with the ending their outputs get."""
+    path = Path(path)
+    if not path.exists():
+        raise InferenceError(f"{path}: input not found")
+    if path.is_dir() and is_dicom_series(path):
+        return [(Case(path.name, (path,)), ".nii.gz")]
+    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if not p.name.startswith("."))
+    grouped: dict[str, dict[int, Path]] = defaultdict(dict)
+    endings: dict[str, str] = {}
+    out: list[tuple[Case, str]] = []
+    for f in files:
+        if f.is_dir():
+            if is_dicom_series(f):
+                out.append((Case(f.name, (f,)), ".nii.gz"))
+            continue
+        ending = file_ending(f)
+        if not ending:
+            continue
+        stem = strip_ending(f)
+        m = _CHANNEL.match(stem)
+        case, channel = (m["case"], int(m["channel"])) if m else (stem, 0)
+        if path.is_file() and m and n_channels > 1:  # one channel file given: gather its siblings
+            for c in range(n_channels):
+                grouped[case][c] = f.with_name(f"{case}_{c:04d}{ending}")
+        else:
+            grouped[case][channel] = f
+        endings[case] = ending
+    for case, channels in sorted(grouped.items()):
+        missing = [c for c in range(n_channels) if c not in channels or not channels[c].exists()]
+        if missing:
+            raise InferenceError(
+                f"{path}: case {case} lacks channel file(s) "
+                + ", ".join(f"{case}_{c:04d}{endings[case]}" for c in missing)
+                + f"; the model expects {n_channels} channel(s)"
+            )
+        out.append((Case(case, tuple(channels[c] for c in range(n_channels))), endings[case]))
+    if not out:
+        raise InferenceError(f"{path}: no images to predict")
+    return sorted(out, key=lambda item: item[0].id)
+
+
+def predict_path(
+    run_dir: Path | str,
+    inputs: Path | str,
+    out_dir: Path | str,
+    *,
+    configs: Sequence[str] | None = None,
+    folds: Sequence[str] | None = None,
+    device: str = "auto",
+    mirror_mode: str = "all",
+    save_probabilities: bool = False,
+    uncertainty: bool = False,
+    skip_existing: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[Path]:
+    """Predict every case under ``inputs`` into ``out_dir``; returns the label files written."""
+    out_dir = Path(out_dir)
+    predictor = Predictor(run_dir, configs=configs, folds=folds, device=device, mirror_mode=mirror_mode)
+    cases = collect_inputs(inputs, len(predictor.plans.channels))
+    written, scores = [], {}
+    score_file = out_dir / "uncertainty.json"
+    if uncertainty and score_file.is_file():
+        scores = json.loads(score_file.read_text())
+    for i, (case, ending) in enumerate(cases):
+        target = out_dir / f"{case.id}{ending}"
+        if skip_existing and target.is_file():
+            written.append(target)
+            continue
+        image, geometry = read_images(case.images)
+        prediction = predictor.predict(image, geometry, keep_probabilities=save_probabilities, uncertainty=uncertainty)
+        if save_probabilities:
+            probs = prediction.probabilities.astype(np.float16)
+            atomic_path(out_dir / f"{case.id}.npz", lambda tmp, p=probs: np.savez_compressed(tmp, probabilities=p))
+        if uncertainty:
+            write_image(prediction.entropy, geometry, out_dir / f"{case.id}_entropy.nii.gz")
+            if prediction.disagreement is not None:
+                write_image(prediction.disagreement, geometry, out_dir / f"{case.id}_disagreement.nii.gz")
+            scores[case.id] = prediction.scores
+            write_text_atomic(score_file, json.dumps(scores, indent=2) + "\n")
+        write_image(prediction.labels, geometry, target)  # last: its presence marks the case as done
+        written.append(target)
+        if progress:
+            progress(i + 1, len(cases))
+    return written

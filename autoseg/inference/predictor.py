@@ -1,0 +1,258 @@
+"""Prediction of whole cases in their original geometry, by one model or an ensemble of folds/configurations.
+
+For each configuration the case is preprocessed as in training, every fold's network predicts it with the
+sliding window, and the folds' probabilities are averaged in that configuration's space. The mean is mapped
+back onto the original grid one class channel at a time into a single (K, Z, Y, X) accumulator, where the
+configurations are averaged, so at most one full-resolution float array per class is alive.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from autoseg.data.geometry import Geometry
+from autoseg.errors import InferenceError
+from autoseg.inference.postprocessing import PostprocessingSpec, apply_postprocessing
+from autoseg.inference.sliding_window import sliding_window_logits
+from autoseg.networks.builder import build_network
+from autoseg.planning.plans import Plans, load_plans
+from autoseg.preprocessing.preprocess import preprocess_case, revert
+from autoseg.training.checkpoint import load_checkpoint
+from autoseg.training.trainer import fold_dir, resolve_device
+
+__all__ = ["Prediction", "Predictor", "probabilities_to_labels", "trained_folds"]
+
+log = logging.getLogger(__name__)
+
+#: Input voxels per forward pass of the sliding window, by device type.
+TILE_VOXELS = {"cpu": 2**20, "cuda": 2**22}
+
+
+@dataclass
+class Prediction:
+    """A case's prediction on its original grid."""
+
+    labels: np.ndarray  # (Z, Y, X) integer
+    geometry: Geometry
+    probabilities: np.ndarray | None = None  # (K, Z, Y, X) float32, when kept
+    entropy: np.ndarray | None = None  # (Z, Y, X) normalised to [0, 1]
+    disagreement: np.ndarray | None = None  # (Z, Y, X) share of members whose label differs from the ensemble
+    scores: dict[str, float] = field(default_factory=dict)
+
+
+def trained_folds(run_dir: Path, config: str, checkpoint: str = "final") -> list[str]:
+    """Folds of ``config`` that have ``checkpoint_<checkpoint>.pt`` (cross-validation folds before 'all')."""
+    root = Path(run_dir) / "models" / config
+    folds = [p.name[5:] for p in sorted(root.glob("fold_*")) if (p / f"checkpoint_{checkpoint}.pt").is_file()]
+    return sorted(folds, key=lambda f: (f == "all", f))
+
+
+def _to_probabilities_(logits: torch.Tensor, *, regions: bool) -> torch.Tensor:
+    """Softmax over channels (sigmoid for regions), in place: no second full-size array."""
+    if regions:
+        return logits.sigmoid_()
+    logits -= logits.max(0, keepdim=True).values
+    logits.exp_()
+    logits /= logits.sum(0, keepdim=True)
+    return logits
+
+
+def probabilities_to_labels(probabilities: np.ndarray, plans: Plans) -> np.ndarray:
+    """Arg-max of softmax probabilities, or region order for sigmoid (region-based) outputs."""
+    if not plans.regions:
+        labels = probabilities.argmax(0)
+        return labels.astype(np.uint8 if probabilities.shape[0] <= 256 else np.int16)
+    order = plans.region_class_order or tuple(range(1, len(plans.regions) + 1))
+    labels = np.zeros(probabilities.shape[1:], np.uint8)
+    for channel, value in enumerate(order):
+        labels[probabilities[channel] > 0.5] = value
+    return labels
+
+
+class Predictor:
+    """Networks of a run folder, loaded once, predicting case after case.
+
+    Parameters
+    ----------
+    run_dir : the run folder (needs plans.json and models/).
+    configs : configurations to ensemble (default: the selection in selection.json, else every trained one).
+    folds : folds to ensemble (default: every fold with a final checkpoint).
+    mirror_mode : ``all`` (every flip combination), ``single`` (one flip per axis) or ``none``.
+    """
+
+    def __init__(
+        self,
+        run_dir: Path | str,
+        *,
+        configs: Sequence[str] | None = None,
+        folds: Sequence[str] | None = None,
+        device: str = "auto",
+        mirror_mode: str = "all",
+        step: float = 0.5,
+        checkpoint: str = "final",
+        tile_batch: int | None = None,
+        postprocessing: PostprocessingSpec | None = None,
+        plans: Plans | None = None,
+    ):
+        self.run_dir = Path(run_dir)
+        self.plans = plans or load_plans(self.run_dir)
+        self.device = resolve_device(device)
+        self.mirror_mode, self.step = mirror_mode, step
+        selection = self.run_dir / "selection.json"
+        if configs is None and selection.is_file():
+            chosen = json.loads(selection.read_text())
+            configs = chosen["configurations"]
+            if postprocessing is None and chosen.get("postprocessing"):
+                postprocessing = PostprocessingSpec(**chosen["postprocessing"])
+        configs = list(configs or [c for c in self.plans.configurations if trained_folds(self.run_dir, c, checkpoint)])
+        if not configs:
+            raise InferenceError(
+                f"{self.run_dir}: no trained model found (models/<config>/fold_*/"
+                f"checkpoint_{checkpoint}.pt); run `autoseg train` first"
+            )
+        self.postprocessing = postprocessing
+        self.members: dict[str, list[torch.nn.Module]] = {}
+        for config in configs:
+            if config not in self.plans.configurations:
+                raise InferenceError(
+                    f"configuration {config!r} not in the plan; available: {', '.join(self.plans.configurations)}"
+                )
+            use = [str(f) for f in folds] if folds is not None else trained_folds(self.run_dir, config, checkpoint)
+            if not use:
+                raise InferenceError(f"{self.run_dir}/models/{config}: no fold with checkpoint_{checkpoint}.pt")
+            self.members[config] = [self._load(config, f, checkpoint) for f in use]
+        self.tile_batch = tile_batch
+        n = sum(len(m) for m in self.members.values())
+        log.info("predictor: %s, %d model(s) on %s, mirroring %s", ", ".join(self.members), n, self.device, mirror_mode)
+
+    def _load(self, config: str, fold: str, checkpoint: str) -> torch.nn.Module:
+        path = fold_dir(self.run_dir, config, fold) / f"checkpoint_{checkpoint}.pt"
+        if not path.is_file():
+            raise InferenceError(f"{path}: checkpoint missing; train fold {fold} of {config} first")
+        c = self.plans.configurations[config]
+        network = build_network(c.network, len(self.plans.channels), self.plans.n_outputs)
+        network.load_state_dict(load_checkpoint(path)["network"])
+        network.deep_supervision = False
+        return network.to(self.device).eval()
+
+    def _config_probabilities(self, config: str, data: np.ndarray, members) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Mean probabilities (K, *spatial) of the members in the preprocessed space, and each member's arg-max."""
+        c = self.plans.configurations[config]
+        amp = torch.float16 if self.device.type == "cuda" else None
+        # tiles per forward pass: about TILE_VOXELS input voxels (small patches are batched many at a time)
+        tiles = self.tile_batch or max(1, min(256, TILE_VOXELS[self.device.type] // int(np.prod(c.patch_size))))
+        axes = tuple(c.augmentation.mirror_axes)
+        mean, member_labels = None, []
+        for network in members:
+
+            def predict(x: torch.Tensor, network=network) -> torch.Tensor:
+                return network(x)
+
+            if c.ndim == 2 and data.ndim == 4:  # 2D network on a 3D case: slice by slice
+                logits = torch.stack(
+                    [
+                        sliding_window_logits(
+                            predict,
+                            data[:, z],
+                            c.patch_size,
+                            self.plans.n_outputs,
+                            step=self.step,
+                            mirror_axes=axes,
+                            mirror_mode=self.mirror_mode,
+                            tile_batch=tiles,
+                            device=self.device,
+                            autocast_dtype=amp,
+                        )
+                        for z in range(data.shape[1])
+                    ],
+                    dim=1,
+                )
+            else:
+                logits = sliding_window_logits(
+                    predict,
+                    data,
+                    c.patch_size,
+                    self.plans.n_outputs,
+                    step=self.step,
+                    mirror_axes=axes,
+                    mirror_mode=self.mirror_mode,
+                    tile_batch=tiles,
+                    device=self.device,
+                    autocast_dtype=amp,
+                )
+            probs = _to_probabilities_(logits, regions=bool(self.plans.regions)).numpy()
+            member_labels.append(probabilities_to_labels(probs, self.plans))
+            if mean is None:
+                mean = probs
+            else:
+                mean += probs
+            del logits, probs
+        mean /= len(members)
+        return mean, member_labels
+
+    def predict(
+        self, image: np.ndarray, geometry: Geometry, *, keep_probabilities: bool = False, uncertainty: bool = False
+    ) -> Prediction:
+        """Predict one case given as read: image (C, Z, Y, X) and its geometry."""
+        if image.shape[0] != len(self.plans.channels):
+            raise InferenceError(
+                f"image has {image.shape[0]} channel(s); the model expects "
+                f"{len(self.plans.channels)} ({', '.join(self.plans.channels)})"
+            )
+        k = self.plans.n_outputs
+        total: np.ndarray | None = None
+        member_maps: list[np.ndarray] = []
+        for config, members in self.members.items():
+            data, _, props = preprocess_case(image, None, geometry, self.plans, config)
+            mean, labels = self._config_probabilities(config, data, members)
+            fill = [0.0] * k if self.plans.regions else None
+            if total is None:
+                total = revert(mean, props, is_label=False, fill=fill)
+            else:
+                total += revert(mean, props, is_label=False, fill=fill)
+            del mean
+            if uncertainty and sum(len(m) for m in self.members.values()) > 1:
+                member_maps += [revert(lab, props, is_label=True, order=0) for lab in labels]
+        total /= len(self.members)
+        labels = probabilities_to_labels(total, self.plans)
+        if self.postprocessing is not None:
+            labels = apply_postprocessing(labels, self.postprocessing, geometry.voxel_volume_mm3)
+        result = Prediction(labels=labels, geometry=geometry)
+        if uncertainty:
+            result.entropy, result.disagreement, result.scores = _uncertainty(
+                total, labels, member_maps, bool(self.plans.regions)
+            )
+        if keep_probabilities:
+            result.probabilities = total
+        return result
+
+
+def _uncertainty(
+    probs: np.ndarray, labels: np.ndarray, member_maps: list[np.ndarray], regions: bool
+) -> tuple[np.ndarray, np.ndarray | None, dict[str, float]]:
+    """Normalised entropy map, member disagreement map and per-case scores."""
+    eps = 1e-7
+    if regions:  # independent binary entropies, averaged over regions
+        p = np.clip(probs, eps, 1 - eps)
+        entropy = -(p * np.log(p) + (1 - p) * np.log(1 - p)).mean(0) / np.log(2)
+    else:
+        entropy = -(probs * np.log(np.clip(probs, eps, 1))).sum(0) / np.log(probs.shape[0])
+    entropy = entropy.astype(np.float32)
+    foreground = labels > 0
+    scores = {
+        "mean_entropy": float(entropy.mean()),
+        "mean_entropy_foreground": float(entropy[foreground].mean()) if foreground.any() else 0.0,
+    }
+    disagreement = None
+    if member_maps:
+        disagreement = np.mean([m != labels for m in member_maps], axis=0).astype(np.float32)
+        region = foreground | np.any([m > 0 for m in member_maps], axis=0)
+        scores["mean_disagreement_foreground"] = float(disagreement[region].mean()) if region.any() else 0.0
+    return entropy, disagreement, scores

@@ -1,0 +1,133 @@
+"""``autoseg run``: every stage from a dataset folder to ``selection.json``, each skipping finished work.
+
+fingerprint (skipped when the inputs are unchanged) -> plan (an existing plans.json is kept, so hand edits and
+search results survive) -> preprocess (finished cases skipped) -> [search] -> train every configuration x fold
+(finished folds skipped, interrupted ones resumed) -> select. Kill it anywhere; running it again resumes.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from autoseg.errors import TrainingError
+from autoseg.fingerprint import extract_fingerprint
+from autoseg.planning.planner import plan_run
+from autoseg.planning.plans import Plans, load_plans
+from autoseg.preprocessing.preprocess import preprocess
+from autoseg.runfolder import record_dataset
+from autoseg.training.jobs import Job, detect_devices, run_jobs
+from autoseg.training.splits import load_or_make_splits
+from autoseg.training.trainer import TrainOptions, fold_dir, train_fold
+
+__all__ = ["run_pipeline", "train_jobs"]
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str], Callable[[int, int], None] | None]
+
+
+def train_jobs(
+    run_dir: Path,
+    plans: Plans,
+    configs: Sequence[str] | None,
+    folds: Sequence[str] | str,
+    *,
+    devices: str | None = None,
+    overrides: Sequence[str] = (),
+    in_process: bool | None = None,
+    options: TrainOptions | None = None,
+) -> None:
+    """Train (configuration, fold) jobs that are not finished: in this process on a CPU, else spread on GPUs."""
+    options = options or TrainOptions()
+    from autoseg.preprocessing.store import list_cases, preprocessed_folder
+
+    names = list(configs or plans.configurations)
+    cases = list_cases(preprocessed_folder(run_dir, names[0]))
+    splits = load_or_make_splits(run_dir, cases)
+    fold_list = [str(f) for f in range(splits.n_folds)] if folds in ("cv", ["cv"]) else [str(f) for f in folds]
+    jobs = [
+        Job(c, f) for c in names for f in fold_list if not (fold_dir(run_dir, c, f) / "checkpoint_final.pt").is_file()
+    ]
+    if not jobs:
+        log.info("every requested fold is trained")
+        return
+    device_list = detect_devices(devices)
+    if in_process or (in_process is None and device_list == ["cpu"]):
+        for job in jobs:
+            train_fold(
+                run_dir,
+                job.config,
+                job.fold,
+                plans=plans,
+                options=TrainOptions(
+                    device=device_list[0], workers=options.workers, predict_validation=options.predict_validation
+                ),
+            )
+        return
+    results = run_jobs(run_dir, jobs, device_list, overrides=overrides)
+    failed = [r for r in results if not r.ok]
+    if failed:
+        raise TrainingError(
+            f"{len(failed)} of {len(results)} training job(s) failed: "
+            + ", ".join(f"{r.job.config} fold {r.job.fold} (log {r.log})" for r in failed)
+        )
+
+
+def run_pipeline(
+    data_dir: Path | str,
+    run_dir: Path | str,
+    *,
+    device: str = "auto",
+    gpu_memory_gb: float | None = None,
+    time_budget_hours: float | None = None,
+    preset: str = "default",
+    overrides: Sequence[str] = (),
+    configs: Sequence[str] | None = None,
+    folds: Sequence[str] | str = "cv",
+    devices: str | None = None,
+    workers: int | None = None,
+    search_trials: int = 0,
+    search_hours: float | None = None,
+    progress: Progress | None = None,
+):
+    """Run every stage up to ``select``; returns the Selection."""
+    from autoseg.inference.select import select
+
+    data_dir, run_dir = Path(data_dir), Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    record_dataset(run_dir, data_dir)
+    extract_fingerprint(
+        data_dir, run_dir / "fingerprint.json", workers=workers, progress=progress("fingerprint") if progress else None
+    )
+    if (run_dir / "plans.json").is_file():
+        log.info("%s exists: keeping it (delete it to plan again)", run_dir / "plans.json")
+    else:
+        plan_run(
+            run_dir,
+            preset=preset,
+            device=device,
+            gpu_memory_gb=gpu_memory_gb,
+            time_budget_hours=time_budget_hours,
+            overrides=overrides,
+        )
+    plans = load_plans(run_dir)
+    names = [c for c in (configs or plans.configurations) if c != "3d_cascade_fullres"]
+    preprocess(
+        run_dir,
+        configurations=names,
+        workers=workers,
+        data_dir=data_dir,
+        progress=progress("preprocess") if progress else None,
+    )
+    if search_trials or search_hours:
+        from autoseg.search import search
+
+        search(run_dir, trials=search_trials or None, time_budget_hours=search_hours)
+        plans = load_plans(run_dir)
+    train_jobs(run_dir, plans, names, folds, devices=devices, options=TrainOptions(device=device))
+    if folds not in ("cv", ["cv"]):
+        log.info("only folds %s trained: selection needs all cross-validation folds; skipped", list(folds))
+        return None
+    return select(run_dir, configurations=names)

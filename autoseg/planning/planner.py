@@ -1,0 +1,255 @@
+"""``autoseg plan``: fingerprint -> plans.json, for the real device and time budget (or an nnU-Net preset).
+
+:func:`make_plans` is pure apart from timing the CPU; :func:`plan_run` reads ``RUN/fingerprint.json`` and writes
+``RUN/plans.json`` atomically.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from autoseg.errors import PlanningError
+from autoseg.fingerprint import Fingerprint, load_fingerprint
+from autoseg.planning import default, rules
+from autoseg.planning.device import describe_device, measure_step_seconds
+from autoseg.planning.memory import estimate_flops
+from autoseg.planning.overrides import apply_overrides
+from autoseg.planning.plans import (
+    AugmentationSpec,
+    Configuration,
+    DeviceSpec,
+    NetworkSpec,
+    Plans,
+    ResamplingSpec,
+)
+
+__all__ = ["PRESETS", "make_plans", "plan_run"]
+
+log = logging.getLogger(__name__)
+
+PRESETS = ("default", "nnunet", "nnunet-resenc-m", "nnunet-resenc-l")
+#: Without --time-budget, a CPU plan gives each (configuration, fold) job this many hours.
+CPU_HOURS_PER_JOB = 0.25
+#: Assumed training throughput of a GPU that is not present (bf16, U-Net convolutions): 30 TFLOP/s.
+ASSUMED_GPU_FLOPS = 30e12
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("autoseg")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _throughput(device: DeviceSpec, in_channels: int, n_outputs: int) -> tuple[float, str]:
+    if device.kind == "cpu":
+        return default.calibrate_cpu(in_channels, n_outputs)
+    if torch.cuda.is_available():
+        probe = NetworkSpec(
+            5, (32, 64, 128, 256, 320), ((3, 3, 3),) * 5, ((1, 1, 1),) + ((2, 2, 2),) * 4, (2,) * 5, (2,) * 4
+        )
+        seconds = measure_step_seconds(
+            probe, in_channels, n_outputs, (64, 128, 128), 2, device="cuda", precision="bf16", steps=3
+        )
+        rate = estimate_flops(probe, in_channels, n_outputs, (64, 128, 128), 2) / seconds
+        return rate, f"this GPU trains at {rate / 1e12:.1f} TFLOP/s (probe U-Net step measured: {seconds:.3f} s)"
+    return ASSUMED_GPU_FLOPS, f"GPU not present: assumed {ASSUMED_GPU_FLOPS / 1e12:g} TFLOP/s for time estimates"
+
+
+def _base_configuration(fp: Fingerprint, norm: rules.Decision, training) -> Configuration:
+    placeholder = NetworkSpec(1, (1,), ((3, 3, 3),), ((1, 1, 1),), (1,), ())
+    return Configuration(
+        name="",
+        spacing=(),
+        patch_size=(),
+        batch_size=1,
+        median_image_size=(),
+        normalization=norm.value,
+        network=placeholder,
+        augmentation=AugmentationSpec(()),
+        resampling=ResamplingSpec(),
+        training=training,
+        why=(norm.why,),
+    )
+
+
+def _lowres(fp, spacing, median, n_cases, budget, base, fullres: Configuration) -> Configuration | None:
+    """nnU-Net's rule: a coarser stage while the full-resolution patch covers < 25% of the median image."""
+    need = rules.needs_lowres(fullres.patch_size, float(np.prod(median)))
+    if not need.value:
+        return None
+    lowres_spacing = np.asarray(spacing, float)
+    for _ in range(200):
+        lowres_spacing = rules.increase_lowres_spacing(lowres_spacing)
+        lowres_median = np.asarray(median) * np.asarray(spacing) / lowres_spacing
+        config = default.plan_configuration(
+            "3d_lowres", fp, lowres_spacing, lowres_median, float(np.prod(lowres_median)) * n_cases, budget, base
+        )
+        if not rules.needs_lowres(config.patch_size, float(np.prod(lowres_median))).value:
+            break
+    worth = rules.lowres_is_worthwhile(median, float(np.prod(lowres_median)))
+    if not worth.value:
+        return None
+    return config.with_reason(need.why, worth.why)
+
+
+def _plan_configurations(
+    fp: Fingerprint,
+    target: np.ndarray,
+    median: np.ndarray,
+    budget: default.Budget,
+    base: Configuration,
+    spacing_why: str,
+    transpose_why: str,
+) -> dict[str, Configuration]:
+    configs: dict[str, Configuration] = {}
+    n = fp.n_cases
+    if fp.dim == 3:
+        full = default.plan_configuration("3d_fullres", fp, target, median, float(np.prod(median)) * n, budget, base)
+        configs["3d_fullres"] = full.with_reason(spacing_why, transpose_why)
+        low = _lowres(fp, target, median, n, budget, base, full)
+        if low is not None:
+            configs["3d_lowres"] = low
+    s2d = rules.spacing_2d(target)
+    configs["2d"] = default.plan_configuration(
+        "2d", fp, s2d.value, median[1:], float(np.prod(median)) * n, budget, base
+    ).with_reason(s2d.why)
+    return configs
+
+
+def make_plans(
+    fingerprint: Fingerprint,
+    *,
+    preset: str = "default",
+    device: str = "auto",
+    gpu_memory_gb: float | None = None,
+    time_budget_hours: float | None = None,
+    n_folds: int = 5,
+    overrides: Sequence[str] = (),
+    check_speed: bool = True,
+    cpu_flops: float | None = None,
+) -> Plans:
+    """Plan from a fingerprint. See the module docstring of :mod:`autoseg.planning.default` for the rules.
+
+    ``check_speed`` times the planned CPU networks for real (and re-plans when they are off the estimate);
+    ``cpu_flops`` gives the CPU's training throughput instead of measuring it (planning for another CPU, tests).
+    """
+    if preset not in PRESETS:
+        raise PlanningError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    if preset != "default":
+        from autoseg.planning.nnunet import plan_nnunet
+
+        plans = plan_nnunet(fingerprint, preset, gpu_memory_gb=gpu_memory_gb)
+        return apply_overrides(dataclasses.replace(plans, autoseg_version=_version()), overrides)
+    fp = fingerprint
+    dev = describe_device(device, gpu_memory_gb)
+    n_outputs = len(fp.regions) if fp.regions else len([v for v in fp.labels.values() if v != fp.ignore_label])
+    if cpu_flops is not None and dev.kind == "cpu":
+        rate, rate_why = cpu_flops, f"CPU throughput given: {cpu_flops / 1e9:g} GFLOP/s"
+    else:
+        rate, rate_why = _throughput(dev, len(fp.channels), n_outputs)
+    budget = default.Budget(dev, rate, n_outputs, len(fp.channels))
+    spacing = rules.target_spacing(fp.spacings, fp.shapes_after_crop)
+    transpose = rules.transpose_for_spacing(spacing.value)
+    (forward, backward), transpose_why = transpose.value, transpose.why
+    target = np.asarray(spacing.value)[list(forward)]
+    median = rules.median_resampled_shape(fp.spacings, fp.shapes_after_crop, spacing.value)[list(forward)]
+    norm = rules.channel_normalization(fp.channels, fp.median_relative_size_after_cropping)
+    base = _base_configuration(fp, norm, default.default_training(budget))
+    why = [
+        f"planned by autoseg's default planner for {dev.kind} ({dev.name}, {dev.memory_bytes / 2**30:.1f} GB)",
+        rate_why,
+    ]
+    for attempt in range(3):
+        configs = _plan_configurations(fp, target, median, budget, base, spacing.why, transpose_why)
+        if not (budget.is_cpu and check_speed):
+            measured = {}
+            break
+        measured = {n: default.check_cpu_speed(c, budget) for n, c in configs.items()}
+        ratios = [measured[n][0] / budget.seconds(c.network, c.patch_size, c.batch_size) for n, c in configs.items()]
+        ratio = float(np.median(ratios))
+        if 0.85 <= ratio <= 1.15 or attempt == 2:
+            break
+        budget = dataclasses.replace(budget, flops_per_second=budget.flops_per_second / ratio)
+        why.append(
+            f"measured steps took {ratio:.2f}x the estimate: throughput re-calibrated to "
+            f"{budget.flops_per_second / 1e9:.1f} GFLOP/s and the configurations re-planned"
+        )
+    configs = {n: c.with_reason(measured[n][1]) if n in measured else c for n, c in configs.items()}
+    seconds = {
+        n: measured[n][0] if n in measured else budget.seconds(c.network, c.patch_size, c.batch_size)
+        for n, c in configs.items()
+    }
+    configs = _fit_time(configs, seconds, budget, time_budget_hours, n_folds, why)
+    plans = Plans(
+        dataset_name=fp.dataset_name,
+        planner="autoseg-default",
+        device=dev,
+        channels=tuple(c.name for c in fp.channels),
+        labels=dict(fp.labels),
+        transpose_forward=tuple(forward),
+        transpose_backward=tuple(backward),
+        original_median_spacing=tuple(float(v) for v in np.asarray(fp.median_spacing)[list(forward)]),
+        original_median_shape=tuple(float(v) for v in np.asarray(fp.median_shape_after_crop)[list(forward)]),
+        configurations=configs,
+        regions=dict(fp.regions),
+        region_class_order=fp.region_class_order,
+        ignore_label=fp.ignore_label,
+        file_ending=fp.file_ending,
+        time_budget_hours=time_budget_hours,
+        why=tuple(why),
+        autoseg_version=_version(),
+    )
+    return apply_overrides(plans, overrides)
+
+
+def _fit_time(
+    configs: dict[str, Configuration],
+    seconds: dict[str, float],
+    budget: default.Budget,
+    hours: float | None,
+    n_folds: int,
+    why: list[str],
+) -> dict[str, Configuration]:
+    """Set every configuration's epochs so that all (configuration, fold) jobs fit the time budget."""
+    n_jobs = len(configs) * n_folds
+    if hours is None and budget.is_cpu:
+        hours = CPU_HOURS_PER_JOB * n_jobs
+        why.append(f"no --time-budget: {CPU_HOURS_PER_JOB:g} h per training job on a CPU ({hours:g} h in all)")
+    if hours is None:
+        return configs
+    out = {}
+    for name, c in configs.items():
+        t = c.training
+        epochs, reason = default.epochs_for_budget(
+            seconds[name], hours, n_jobs, iterations=t.iterations_per_epoch, val_iterations=t.val_iterations
+        )
+        out[name] = dataclasses.replace(c, training=dataclasses.replace(t, epochs=epochs)).with_reason(reason)
+    return out
+
+
+def plan_run(run_dir: Path | str, **kwargs) -> Plans:
+    """Plan from ``RUN/fingerprint.json`` and write ``RUN/plans.json``; keyword arguments as :func:`make_plans`."""
+    run_dir = Path(run_dir)
+    plans = make_plans(load_fingerprint(run_dir), **kwargs)
+    plans.save(run_dir / "plans.json")
+    for name, c in plans.configurations.items():
+        log.info(
+            "%s: spacing %s, patch %s, batch %d, %d stages, features %s, %d epochs",
+            name,
+            [round(s, 3) for s in c.spacing],
+            list(c.patch_size),
+            c.batch_size,
+            c.network.n_stages,
+            list(c.network.features_per_stage),
+            c.training.epochs,
+        )
+    return plans

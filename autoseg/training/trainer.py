@@ -1,0 +1,401 @@
+"""The training loop: one function that trains any configuration of any plan on one fold.
+
+Read it top to bottom: set up (plan, split, data, network, loss, optimiser), resume from the latest checkpoint
+if there is one, then for each epoch train ``iterations_per_epoch`` batches, validate on sampled patches
+(pseudo-Dice), log, plot and checkpoint. Everything comes from the plan; nothing is a subclass.
+
+Exact resume: batches depend only on (seed, batch index) and the checkpoint holds model, optimiser, gradient
+scaler, RNG states and the epoch, so a run killed anywhere and started again continues the same trajectory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from autoseg.errors import TrainingError
+from autoseg.files import write_text_atomic
+from autoseg.networks.builder import build_network
+from autoseg.planning.plans import Configuration, Plans, load_plans
+from autoseg.preprocessing.store import list_cases, preprocessed_folder, read_case, read_class_locations
+from autoseg.serialization import to_jsonable
+from autoseg.training.augmentation import deep_supervision_scales, sampling_patch_size
+from autoseg.training.checkpoint import load_checkpoint, save_checkpoint
+from autoseg.training.curves import plot_training_curves
+from autoseg.training.loader import BatchLoader, BatchRecipe, CaseData, choose_workers
+from autoseg.training.losses import build_loss
+from autoseg.training.splits import fold_cases, load_or_make_splits
+
+__all__ = ["TrainOptions", "PreprocessedCases", "fold_dir", "train_fold", "resolve_device"]
+
+log = logging.getLogger(__name__)
+
+EpochCallback = Callable[[int, dict], bool]
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    """How to run (not what to train: that is the plan)."""
+
+    device: str = "auto"
+    workers: int | None = None
+    stop_after_epochs: int | None = None  # end early without finishing (tests, time budgets); resumable
+    deterministic: bool = False
+    predict_validation: bool = True
+
+
+@dataclass(frozen=True)
+class PreprocessedCases:
+    """Cases of one preprocessed folder, opened as memory maps (a CaseSource for the loader)."""
+
+    folder: Path
+
+    def open(self, case_id: str) -> CaseData:
+        return _open_case(self.folder, case_id)
+
+
+@lru_cache(maxsize=256)
+def _open_case(folder: Path, case_id: str) -> CaseData:
+    data, seg, _ = read_case(folder, case_id, mmap=True)
+    if seg is None:
+        raise TrainingError(f"{folder / case_id}: preprocessed case has no label map")
+    return CaseData(data, seg[0] if seg.ndim == data.ndim else seg, read_class_locations(folder, case_id))
+
+
+def fold_dir(run_dir: Path | str, config: str, fold: int | str) -> Path:
+    return Path(run_dir) / "models" / config / f"fold_{fold}"
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise TrainingError(f"device {device!r} requested but CUDA is not available; use --device cpu")
+    return torch.device(device)
+
+
+def _precision(configuration: Configuration, device: torch.device) -> torch.dtype | None:
+    precision = configuration.training.precision
+    if precision == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+
+
+def _lr(configuration: Configuration, epoch: int) -> float:
+    t = configuration.training
+    if t.lr_schedule == "poly":
+        return t.learning_rate * (1 - epoch / t.epochs) ** t.poly_exponent
+    if t.lr_schedule == "cosine":
+        return 0.5 * t.learning_rate * (1 + math.cos(math.pi * epoch / t.epochs))
+    if t.lr_schedule == "constant":
+        return t.learning_rate
+    raise TrainingError(f"training.lr_schedule {t.lr_schedule!r} unknown; choose poly, cosine or constant")
+
+
+def _optimizer(configuration: Configuration, params) -> torch.optim.Optimizer:
+    t = configuration.training
+    if t.optimizer == "sgd":
+        return torch.optim.SGD(
+            params, lr=t.learning_rate, momentum=t.momentum, nesterov=t.nesterov, weight_decay=t.weight_decay
+        )
+    if t.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay)
+    raise TrainingError(f"training.optimizer {t.optimizer!r} unknown; choose sgd or adamw")
+
+
+def _recipes(plans: Plans, c: Configuration, train_ids, val_ids, n_ds: int, seed: int) -> tuple[BatchRecipe, ...]:
+    scales = tuple(deep_supervision_scales(c.network.strides, n_ds)) if n_ds > 1 else None
+    common = dict(
+        patch_size=tuple(c.patch_size),
+        batch_size=c.batch_size,
+        oversample_foreground=c.foreground_oversampling,
+        ds_scales=scales,
+    )
+    train = BatchRecipe(
+        case_ids=tuple(train_ids),
+        sampling_patch_size=sampling_patch_size(c.patch_size, c.augmentation),
+        augmentation=c.augmentation,
+        seed=seed,
+        **common,
+    )
+    val = BatchRecipe(
+        case_ids=tuple(val_ids or train_ids),
+        sampling_patch_size=tuple(c.patch_size),
+        augmentation=None,
+        seed=seed + 1,
+        **common,
+    )
+    return train, val
+
+
+def _pseudo_dice_counts(output: torch.Tensor, target: torch.Tensor, plans: Plans) -> np.ndarray:
+    """(n_classes, 3) true positives, false positives, false negatives of the arg-max (or sigmoid) prediction."""
+    if plans.regions:
+        pred = output > 0
+        truth = torch.stack(
+            [torch.isin(target[:, 0], torch.tensor(v, device=target.device)) for v in plans.regions.values()], 1
+        )
+        valid = (
+            (target != plans.ignore_label) if plans.ignore_label is not None else torch.ones_like(target, dtype=bool)
+        )
+    else:
+        labels = output.argmax(1, keepdim=True)
+        classes = torch.arange(1, plans.n_outputs, device=output.device).view(1, -1, *[1] * (output.ndim - 2))
+        pred, truth = labels == classes, target == classes
+        valid = (
+            (target != plans.ignore_label) if plans.ignore_label is not None else torch.ones_like(target, dtype=bool)
+        )
+    dims = [0] + list(range(2, output.ndim))
+    tp = (pred & truth & valid).sum(dims)
+    fp = (pred & ~truth & valid).sum(dims)
+    fn = (~pred & truth & valid).sum(dims)
+    return torch.stack([tp, fp, fn], 1).cpu().numpy().astype(np.int64)
+
+
+def _setup_logging(folder: Path) -> tuple[logging.Handler, int]:
+    """Send autoseg's INFO messages to ``folder/training.log`` (whatever the console shows)."""
+    handler = logging.FileHandler(folder / "training.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    handler.setLevel(logging.INFO)
+    logger = logging.getLogger("autoseg")
+    previous = logger.level
+    if logger.getEffectiveLevel() > logging.INFO:
+        logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    return handler, previous
+
+
+def train_fold(
+    run_dir: Path | str,
+    config: str,
+    fold: int | str,
+    *,
+    plans: Plans | None = None,
+    options: TrainOptions = TrainOptions(),
+    on_epoch_end: EpochCallback | None = None,
+) -> Path:
+    """Train configuration ``config`` of ``RUN/plans.json`` on cross-validation fold ``fold`` (or ``"all"``).
+
+    Writes ``RUN/models/<config>/fold_<k>/``: ``checkpoint_latest.pt`` every epoch, ``checkpoint_best.pt`` (EMA of
+    the validation pseudo-Dice), ``checkpoint_final.pt``, ``log.jsonl``, ``training.log`` and
+    ``training_curve.png``. ``on_epoch_end(epoch, record)`` may return True to stop (pruning). Returns the folder.
+    """
+    run_dir = Path(run_dir)
+    plans = plans or load_plans(run_dir)
+    if config not in plans.configurations:
+        raise TrainingError(
+            f"configuration {config!r} not in {run_dir / 'plans.json'}; available: {', '.join(plans.configurations)}"
+        )
+    c = plans.configurations[config]
+    out = fold_dir(run_dir, config, fold)
+    out.mkdir(parents=True, exist_ok=True)
+    handler, previous_level = _setup_logging(out)
+    try:
+        return _train(run_dir, plans, c, fold, out, options, on_epoch_end)
+    finally:
+        logging.getLogger("autoseg").removeHandler(handler)
+        logging.getLogger("autoseg").setLevel(previous_level)
+        handler.close()
+
+
+def _train(
+    run_dir: Path,
+    plans: Plans,
+    c: Configuration,
+    fold: int | str,
+    out: Path,
+    options: TrainOptions,
+    on_epoch_end: EpochCallback | None,
+) -> Path:
+    t = c.training
+    device = resolve_device(options.device)
+    dtype = _precision(c, device)
+    folder = preprocessed_folder(run_dir, c.name)
+    cases = list_cases(folder)
+    if not cases:
+        raise TrainingError(f"{folder}: no preprocessed cases; run `autoseg preprocess {run_dir}` first")
+    splits = load_or_make_splits(run_dir, cases)
+    train_ids, val_ids = fold_cases(splits, fold if fold == "all" else int(fold))
+    seed = t.seed + (0 if fold == "all" else int(fold))
+    if options.deterministic:
+        torch.use_deterministic_algorithms(True)
+    torch.manual_seed(seed)
+    in_channels = len(plans.channels)
+    network = build_network(c.network, in_channels, plans.n_outputs).to(device)
+    n_ds = len(c.network.strides) - 1 if c.network.deep_supervision else 1
+    loss_fn = build_loss(
+        c.loss,
+        n_outputs=plans.n_outputs,
+        regions=list(plans.regions.values()) or None,
+        ignore_label=plans.ignore_label,
+        deep_supervision_scales=n_ds,
+    )
+    optimizer = _optimizer(c, network.parameters())
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    history: list[dict] = []
+    start_epoch, best_ema = 0, -1.0
+    latest = out / "checkpoint_latest.pt"
+    if (out / "checkpoint_final.pt").exists():
+        log.info("%s: already trained (checkpoint_final.pt exists); nothing to do", out)
+        return out
+    if latest.exists():
+        state = load_checkpoint(latest, device)
+        network.load_state_dict(state["network"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["grad_scaler"])
+        torch.set_rng_state(state["torch_rng"])
+        start_epoch, best_ema, history = state["epoch"], state["best_ema"], json.loads(state["history"])
+        log.info("resuming %s fold %s at epoch %d", c.name, fold, start_epoch)
+    (out / "configuration.json").write_text(json.dumps(to_jsonable(c), indent=2) + "\n")
+    train_recipe, val_recipe = _recipes(plans, c, train_ids, val_ids, n_ds, seed)
+    source = PreprocessedCases(folder)
+    batch_bytes = 4 * c.batch_size * in_channels * int(np.prod(train_recipe.sampling_patch_size))
+    workers = options.workers if options.workers is not None else choose_workers(batch_bytes)
+    log.info(
+        "training %s fold %s on %s: %d train / %d val cases, patch %s, batch %d, %d epochs x %d iterations, "
+        "%d loader workers",
+        c.name,
+        fold,
+        device,
+        len(train_ids),
+        len(val_ids),
+        list(c.patch_size),
+        c.batch_size,
+        t.epochs,
+        t.iterations_per_epoch,
+        workers,
+    )
+    last_epoch = t.epochs if options.stop_after_epochs is None else min(t.epochs, options.stop_after_epochs)
+    with BatchLoader(source, train_recipe, workers=workers, start=start_epoch * t.iterations_per_epoch) as batches:
+        for epoch in range(start_epoch, last_epoch):
+            record = _run_epoch(
+                network, optimizer, scaler, loss_fn, batches, source, val_recipe, plans, c, epoch, device, dtype
+            )
+            best_ema = _finish_epoch(out, record, history, network, optimizer, scaler, c, best_ema)
+            if on_epoch_end is not None and on_epoch_end(epoch, record):
+                log.info("stopped after epoch %d by the caller (e.g. pruned by the search)", epoch)
+                return out
+    if last_epoch == t.epochs and not (out / "checkpoint_final.pt").exists():
+        save_checkpoint(out / "checkpoint_final.pt", load_checkpoint(latest))
+        if options.predict_validation and val_ids:
+            _predict_validation(run_dir, plans, c.name, fold, out, options.device)
+    return out
+
+
+def _to(batch: dict, device: torch.device) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    data = torch.from_numpy(batch["data"]).to(device, non_blocking=True)
+    targets = [torch.from_numpy(t).to(device, non_blocking=True).long() for t in batch["target"]]
+    return data, targets
+
+
+def _run_epoch(
+    network, optimizer, scaler, loss_fn, batches, source, val_recipe, plans, c, epoch, device, dtype
+) -> dict:
+    t = c.training
+    lr = _lr(c, epoch)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    network.train()
+    start, losses = time.perf_counter(), []
+    for _ in range(t.iterations_per_epoch):
+        data, targets = _to(next(batches), device)
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            outputs = network(data)
+        loss = loss_fn(outputs, targets if isinstance(outputs, (list, tuple)) else targets[0])
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(network.parameters(), t.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        losses.append(float(loss.detach()))
+    train_seconds = time.perf_counter() - start
+    network.eval()
+    counts, val_losses = 0, []
+    with torch.no_grad(), BatchLoader(source, val_recipe, workers=0, start=epoch * t.val_iterations) as val_batches:
+        for _ in range(t.val_iterations):
+            data, targets = _to(next(val_batches), device)
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                outputs = network(data)
+            val_losses.append(float(loss_fn(outputs, targets if isinstance(outputs, (list, tuple)) else targets[0])))
+            top = outputs[0] if isinstance(outputs, (list, tuple)) else outputs
+            counts = counts + _pseudo_dice_counts(top.float(), targets[0], plans)
+    tp, fp, fn = counts[:, 0], counts[:, 1], counts[:, 2]
+    dice = np.where(2 * tp + fp + fn > 0, 2 * tp / np.maximum(2 * tp + fp + fn, 1), np.nan)
+    return {
+        "epoch": epoch,
+        "train_loss": float(np.mean(losses)),
+        "val_loss": float(np.mean(val_losses)),
+        "val_dice": [None if np.isnan(d) else float(d) for d in dice],
+        "mean_fg_dice": float(np.nanmean(dice)) if np.any(~np.isnan(dice)) else 0.0,
+        "lr": lr,
+        "seconds": round(time.perf_counter() - start, 3),
+        "seconds_per_iteration": round(train_seconds / t.iterations_per_epoch, 4),
+    }
+
+
+def _finish_epoch(
+    out: Path, record: dict, history: list[dict], network, optimizer, scaler, c: Configuration, best_ema: float
+) -> float:
+    ema = record["mean_fg_dice"] if not history else 0.9 * history[-1]["ema_dice"] + 0.1 * record["mean_fg_dice"]
+    record["ema_dice"] = ema
+    history.append(record)
+    state = {
+        "network": network.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "grad_scaler": scaler.state_dict(),
+        "torch_rng": torch.get_rng_state(),
+        "epoch": record["epoch"] + 1,
+        "best_ema": max(best_ema, ema),
+        "history": json.dumps(history),
+        "configuration": json.dumps(to_jsonable(c)),
+    }
+    save_checkpoint(out / "checkpoint_latest.pt", state)
+    if ema > best_ema:
+        save_checkpoint(out / "checkpoint_best.pt", state)
+    write_text_atomic(out / "log.jsonl", "".join(json.dumps(h) + "\n" for h in history))
+    plot_training_curves(history, out / "training_curve.png")
+    dice = ", ".join("-" if d is None else f"{d:.3f}" for d in record["val_dice"])
+    log.info(
+        "epoch %d/%d  loss %.4f  val loss %.4f  pseudo-Dice [%s]  EMA %.4f  lr %.2e  %.1fs (%.2fs/it)",
+        record["epoch"] + 1,
+        c.training.epochs,
+        record["train_loss"],
+        record["val_loss"],
+        dice,
+        ema,
+        record["lr"],
+        record["seconds"],
+        record["seconds_per_iteration"],
+    )
+    return max(best_ema, ema)
+
+
+def _predict_validation(run_dir: Path, plans: Plans, config: str, fold, out: Path, device: str) -> None:
+    try:
+        from autoseg.inference.validation import predict_validation
+    except ImportError:  # inference module not available in this build
+        log.warning("validation cases of %s fold %s not predicted: inference module missing", config, fold)
+        return
+    predict_validation(run_dir, plans, config, fold, device=device)
+
+
+def with_epochs(plans: Plans, epochs: int) -> Plans:
+    """Plans with every configuration's epoch count set (small helper for tests and the search)."""
+    configs = {
+        k: dataclasses.replace(v, training=dataclasses.replace(v.training, epochs=epochs))
+        for k, v in plans.configurations.items()
+    }
+    return dataclasses.replace(plans, configurations=configs)

@@ -1,0 +1,108 @@
+"""The default planner on every real fingerprint of fingerprints/: valid, within budget, monotone in memory."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from autoseg.errors import ConfigError, PlanningError
+from autoseg.fingerprint import Fingerprint
+from autoseg.planning.memory import estimate_training_memory
+from autoseg.planning.planner import make_plans
+from autoseg.planning.plans import Plans
+from autoseg.serialization import from_jsonable, to_jsonable
+
+CORPUS = sorted(p for p in (Path(__file__).resolve().parents[2] / "fingerprints").glob("*.json"))
+
+
+def _fingerprint(path: Path) -> Fingerprint | None:
+    data = json.loads(path.read_text())
+    return from_jsonable(Fingerprint, data["fingerprint"]) if data.get("fingerprint") else None
+
+
+FINGERPRINTS = {p.stem: fp for p in CORPUS if (fp := _fingerprint(p)) is not None}
+
+
+def _plan(fp: Fingerprint, device) -> Plans:
+    if device == "cpu":
+        return make_plans(fp, device="cpu", check_speed=False, cpu_flops=25e9)
+    return make_plans(fp, gpu_memory_gb=device)
+
+
+def test_corpus_is_there():
+    assert len(FINGERPRINTS) >= 15
+
+
+@pytest.mark.parametrize("name", sorted(FINGERPRINTS))
+def test_plans_are_valid_within_budget_and_monotone(name):
+    fp = FINGERPRINTS[name]
+    previous = None
+    for device in ("cpu", 8, 24, 80):
+        plans = _plan(fp, device)
+        assert from_jsonable(Plans, to_jsonable(plans)) == plans
+        assert "2d" in plans.configurations
+        assert ("3d_fullres" in plans.configurations) == (fp.dim == 3)
+        for c in plans.configurations.values():
+            assert all(p % s == 0 for p, s in zip(c.patch_size, c.network.total_stride)), (name, device, c.name)
+            assert c.batch_size >= 2 and c.why and c.training.epochs >= 1
+            assert len(c.normalization) == len(fp.channels)
+            estimate = estimate_training_memory(
+                c.network,
+                len(fp.channels),
+                plans.n_outputs,
+                c.patch_size,
+                c.batch_size,
+                precision="fp32" if device == "cpu" else "bf16",
+                device="cpu" if device == "cpu" else "cuda",
+            ).total_bytes
+            assert estimate <= plans.device.memory_bytes, (name, device, c.name)
+        if previous is not None and device != 8:
+            for key, c in plans.configurations.items():
+                if key in previous.configurations:
+                    before = previous.configurations[key]
+                    assert all(a >= b for a, b in zip(c.patch_size, before.patch_size)), (name, device, key)
+                    assert c.batch_size >= before.batch_size, (name, device, key)
+        previous = plans if device != "cpu" else None
+
+
+def test_class_balance_drives_loss_and_oversampling():
+    fp = FINGERPRINTS.get("Dataset004_Hippocampus")
+    plans = _plan(fp, 8)
+    # imported nnU-Net fingerprints carry no class balance: nnU-Net's defaults, with the reason
+    c = plans.configurations["3d_fullres"]
+    assert (c.loss.name, c.foreground_oversampling) == ("dice_ce", 0.33)
+    assert any("class balance unknown" in w for w in c.why)
+
+
+def test_tiny_class_gets_topk_and_more_oversampling(tmp_path):
+    from autoseg.data.synth import make_dataset
+    from autoseg.fingerprint import extract_fingerprint
+
+    data = make_dataset(tmp_path / "d", "ct3d", cases=3, test_cases=0)
+    fp = extract_fingerprint(data, workers=1)
+    c = make_plans(fp, gpu_memory_gb=8).configurations["3d_fullres"]
+    assert c.loss.name == "dice_topk" and c.foreground_oversampling == 0.5
+    assert any("lesion" in w and "tiny" in w for w in c.why)
+
+
+def test_time_budget_sets_epochs():
+    fp = FINGERPRINTS["Dataset004_Hippocampus"]
+    short = make_plans(fp, device="cpu", check_speed=False, cpu_flops=25e9, time_budget_hours=0.5)
+    long = make_plans(fp, device="cpu", check_speed=False, cpu_flops=25e9, time_budget_hours=5)
+    for key in short.configurations:
+        assert long.configurations[key].training.epochs > short.configurations[key].training.epochs
+        assert any("time budget" in w for w in short.configurations[key].why)
+
+
+def test_presets_and_overrides():
+    fp = FINGERPRINTS["Dataset004_Hippocampus"]
+    plans = make_plans(fp, preset="nnunet", overrides=["training.epochs=50", "3d_fullres.batch_size=4"])
+    assert plans.planner.startswith("nnunet") or "Planner" in plans.planner
+    assert plans.configurations["3d_fullres"].batch_size == 4
+    assert {c.training.epochs for c in plans.configurations.values()} == {50}
+    with pytest.raises(PlanningError, match="unknown preset"):
+        make_plans(fp, preset="nope")
+    with pytest.raises(ConfigError, match="valid keys"):
+        make_plans(fp, preset="nnunet", overrides=["training.epoch=5"])

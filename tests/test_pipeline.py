@@ -1,0 +1,104 @@
+"""End to end on CPU: synthetic data -> fingerprint -> plan -> preprocess -> train -> select -> predict -> evaluate."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from autoseg.cli import main
+from autoseg.data.io import read_header, read_label
+from autoseg.data.synth import make_dataset
+from autoseg.evaluation.evaluate import evaluate_folders
+from autoseg.fingerprint import extract_fingerprint
+from autoseg.inference.predict import predict_path
+from autoseg.pipeline import run_pipeline
+from autoseg.planning.planner import make_plans
+from autoseg.runfolder import record_dataset
+from tests.conftest import shared_data
+
+TINY = ["training.epochs=1", "training.iterations_per_epoch=3", "training.val_iterations=1"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("e2e")
+    data = make_dataset(root / "data", "ct3d", cases=5, test_cases=2, seed=5)
+    run = root / "run"
+    record_dataset(run, data)
+    fp = extract_fingerprint(data, run / "fingerprint.json", workers=1)
+    # a tiny CPU budget (0.05 GFLOP/s) makes the planner choose tiny networks and patches: fast, and exercised
+    plans = make_plans(fp, device="cpu", check_speed=False, cpu_flops=5e7, overrides=TINY)
+    plans.save(run / "plans.json")
+    selection = run_pipeline(data, run, device="cpu", configs=["3d_fullres", "2d"], workers=1)
+    assert selection is not None
+    return data, run
+
+
+def test_run_trains_every_fold_and_selects(trained):
+    data, run = trained
+    for config in ("3d_fullres", "2d"):
+        for fold in range(5):
+            folder = run / "models" / config / f"fold_{fold}"
+            assert (folder / "checkpoint_final.pt").is_file()
+            assert (folder / "validation" / "summary.json").is_file()
+    selection = json.loads((run / "selection.json").read_text())
+    assert set(selection["candidates"]) == {"3d_fullres", "2d", "2d+3d_fullres"}
+    assert selection["best"] in selection["candidates"]
+    assert -1 <= selection["difference_to_runner_up"]["mean"] <= 1
+
+
+def test_run_again_does_nothing(trained, caplog):
+    data, run = trained
+    before = (run / "models" / "2d" / "fold_0" / "checkpoint_final.pt").stat().st_mtime_ns
+    run_pipeline(data, run, device="cpu", configs=["3d_fullres", "2d"], workers=1)
+    assert (run / "models" / "2d" / "fold_0" / "checkpoint_final.pt").stat().st_mtime_ns == before
+
+
+def test_predict_keeps_geometry_and_evaluates(trained, tmp_path):
+    data, run = trained
+    out = tmp_path / "pred"
+    written = predict_path(run, data / "imagesTs", out, device="cpu", uncertainty=True, save_probabilities=True)
+    assert [p.name for p in written] == ["case_005.nii.gz", "case_006.nii.gz"]
+    for path in written:
+        image_geo = read_header(data / "imagesTs" / path.name.replace(".nii.gz", "_0000.nii.gz"))
+        assert read_header(path).same_grid(image_geo, atol=1e-6)
+        assert (out / path.name.replace(".nii.gz", "_entropy.nii.gz")).is_file()
+        probs = np.load(out / path.name.replace(".nii.gz", ".npz"))["probabilities"]
+        assert probs.shape == (4, *image_geo.shape_zyx)
+        labels, _ = read_label(path)
+        assert set(np.unique(labels)) <= {0, 1, 2, 3}
+    scores = json.loads((out / "uncertainty.json").read_text())
+    assert set(scores) == {"case_005", "case_006"} and "mean_disagreement_foreground" in scores["case_005"]
+    summary = evaluate_folders(out, data / "labelsTs", workers=1)
+    assert len(summary.cases) == 2
+    # --continue skips finished cases
+    mtime = written[0].stat().st_mtime_ns
+    assert (
+        main(["predict", "-m", str(run), "-i", str(data / "imagesTs"), "-o", str(out), "--continue", "--device", "cpu"])
+        == 0
+    )
+    assert written[0].stat().st_mtime_ns == mtime
+
+
+@pytest.mark.parametrize("source", ["nrrd", "dicom", "mr"])
+def test_predictions_have_the_exact_geometry_of_real_scans(trained, tmp_path, source):
+    _, run = trained
+    if source == "nrrd":
+        image = shared_data("pyradiomics", "brain1_image.nrrd")
+    elif source == "dicom":
+        image = shared_data("totalseg_dicom", "example_ct_dicom")
+    else:
+        image = shared_data("totalseg_mr", "example_mr_sm.nii.gz")
+    written = predict_path(run, image, tmp_path, device="cpu", mirror_mode="none", configs=["2d"], folds=["0"])
+    assert len(written) == 1
+    expected = read_header(image)
+    got = read_header(written[0])
+    assert got.shape_zyx == expected.shape_zyx
+    np.testing.assert_allclose(got.spacing_zyx, expected.spacing_zyx, rtol=1e-6)
+    np.testing.assert_allclose(got.origin_xyz, expected.origin_xyz, atol=1e-4)
+    np.testing.assert_allclose(got.direction_xyz, expected.direction_xyz, atol=1e-6)
+    if source == "dicom":
+        assert written[0].name == "example_ct_dicom.nii.gz"

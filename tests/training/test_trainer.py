@@ -1,0 +1,146 @@
+"""The training loop: checkpoints, logs, exact resume, overrides, pruning callback."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from autoseg.data.synth import make_dataset
+from autoseg.errors import ConfigError
+from autoseg.fingerprint import extract_fingerprint
+from autoseg.planning.overrides import apply_overrides
+from autoseg.planning.plans import (
+    AugmentationSpec,
+    ChannelNormalization,
+    Configuration,
+    DeviceSpec,
+    NetworkSpec,
+    Plans,
+    TrainingSpec,
+    load_plans,
+)
+from autoseg.preprocessing.preprocess import preprocess
+from autoseg.training.checkpoint import load_checkpoint
+from autoseg.training.trainer import TrainOptions, train_fold
+
+
+def tiny_plans(fp, epochs: int = 4) -> Plans:
+    net = NetworkSpec(
+        3, (4, 8, 16), ((1, 3, 3), (3, 3, 3), (3, 3, 3)), ((1, 1, 1), (1, 2, 2), (2, 2, 2)), (1, 1, 1), (1, 1)
+    )
+    fi = fp.channels[0].foreground_intensity
+    norm = ChannelNormalization("ct", clip=(fi.percentile_00_5, fi.percentile_99_5), mean=fi.mean, std=fi.std)
+    c = Configuration(
+        "3d_fullres",
+        (6.0, 3.2, 3.2),
+        (4, 12, 12),
+        2,
+        (13.0, 22.0, 22.0),
+        (norm,),
+        net,
+        AugmentationSpec((1, 2), dummy_2d=True, p_rotation=0.5),
+        training=TrainingSpec(epochs=epochs, iterations_per_epoch=2, val_iterations=1),
+        data_identifier="3d_fullres",
+    )
+    return Plans(
+        "synth",
+        "test",
+        DeviceSpec("cpu", 2**30),
+        ("CT",),
+        fp.labels,
+        (0, 1, 2),
+        (0, 1, 2),
+        fp.median_spacing,
+        fp.median_shape_after_crop,
+        {"3d_fullres": c},
+    )
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("train")
+    data = make_dataset(root / "data", "ct3d", cases=5, test_cases=0, seed=3)
+    fp = extract_fingerprint(data, root / "run" / "fingerprint.json", workers=1)
+    tiny_plans(fp).save(root / "run" / "plans.json")
+    preprocess(root / "run", data_dir=data, workers=1)
+    return root / "run"
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(folder / "checkpoint_final.pt")["network"]
+
+
+def test_resume_gives_identical_weights(run_dir, tmp_path):
+    options = TrainOptions(device="cpu", workers=0, deterministic=True, predict_validation=False)
+    plans = load_plans(run_dir)
+    straight = run_dir.parent / "straight"
+    straight.mkdir()
+    for name in ("plans.json", "fingerprint.json"):
+        (straight / name).write_bytes((run_dir / name).read_bytes())
+    (straight / "preprocessed").symlink_to(run_dir / "preprocessed")
+    a = train_fold(straight, "3d_fullres", 0, plans=plans, options=options)
+    # "kill" after 2 of 4 epochs, then run the same command again
+    b = train_fold(
+        run_dir,
+        "3d_fullres",
+        0,
+        plans=plans,
+        options=TrainOptions(
+            device="cpu", workers=1, deterministic=True, stop_after_epochs=2, predict_validation=False
+        ),
+    )
+    assert not (b / "checkpoint_final.pt").exists()
+    assert load_checkpoint(b / "checkpoint_latest.pt")["epoch"] == 2
+    train_fold(run_dir, "3d_fullres", 0, plans=plans, options=options)
+    wa, wb = _weights(a), _weights(b)
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        torch.testing.assert_close(wa[key], wb[key], rtol=0, atol=0)
+    log = [json.loads(line) for line in (b / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [0, 1, 2, 3]
+    assert log[-1]["lr"] < log[0]["lr"]
+    for name in ("checkpoint_best.pt", "training_curve.png", "training.log", "configuration.json"):
+        assert (b / name).is_file()
+    assert "epoch 4/4" in (b / "training.log").read_text()
+    # checkpoints hold no arbitrary pickles
+    torch.load(b / "checkpoint_final.pt", weights_only=True)
+
+
+def test_callback_can_stop_training(run_dir):
+    seen = []
+
+    def stop(epoch, record):
+        seen.append((epoch, record["mean_fg_dice"]))
+        return True
+
+    plans = apply_overrides(load_plans(run_dir), ["training.epochs=3"])
+    out = train_fold(
+        run_dir,
+        "3d_fullres",
+        1,
+        plans=plans,
+        on_epoch_end=stop,
+        options=TrainOptions(device="cpu", workers=0, predict_validation=False),
+    )
+    assert len(seen) == 1 and 0.0 <= seen[0][1] <= 1.0
+    assert not (out / "checkpoint_final.pt").exists()
+
+
+def test_overrides_are_validated(run_dir):
+    plans = load_plans(run_dir)
+    p = apply_overrides(
+        plans,
+        ["3d_fullres.batch_size=4", "training.epochs=50", "loss.name=dice_topk", "augmentation.mirror_axes=[0,1]"],
+    )
+    c = p.configurations["3d_fullres"]
+    assert (c.batch_size, c.training.epochs, c.loss.name, c.augmentation.mirror_axes) == (4, 50, "dice_topk", (0, 1))
+    assert any("--set" in w for w in c.why)
+    with pytest.raises(ConfigError, match="valid keys"):
+        apply_overrides(plans, ["training.epoch=5"])
+    with pytest.raises(ConfigError, match="expected an integer"):
+        apply_overrides(plans, ["3d_fullres.batch_size=two"])
+    with pytest.raises(ConfigError, match="neither a configuration"):
+        apply_overrides(plans, ["2d.batch_size=2"])
