@@ -103,6 +103,15 @@ def _shrink(spacing, median, start, make: Callable[[Topology], NetworkSpec], ok:
     return topo, steps
 
 
+def _grow_batch(net: NetworkSpec, patch: Sequence[int], budget: Budget, n_voxels: float) -> int:
+    """Largest batch (from 2) that fits the budget, at most MAX_BATCH and the 5%-of-the-dataset cap."""
+    limit = min(rules.dataset_fraction_batch_cap(n_voxels, patch).value, MAX_BATCH[len(patch)])
+    batch = 2
+    while batch < limit and budget.fits(net, patch, batch + 1):
+        batch += 1
+    return batch
+
+
 def _coverage(patch: Sequence[int], median: Sequence[float]) -> float:
     return float(np.prod([min(1.0, p / m) for p, m in zip(patch, median)]))
 
@@ -125,19 +134,25 @@ def plan_patch(
 
             topo, steps = _shrink(spacing, median, start.value, make, lambda n, p: budget.fits(n, p, 2))
             if steps >= 0:
-                options.append((base, topo, make(topo)))
+                options.append((base, topo, make(topo), steps))
         if not options:
             raise PlanningError("no network fits the CPU time target even at width 8; the images are too large")
         chosen = next((o for o in options if _coverage(o[1].patch_size, median) >= CPU_MIN_COVERAGE), options[-1])
-        base, topo, net = chosen
-        seconds = budget.seconds(net, topo.patch_size, 2)
+        base, topo, net, steps = chosen
+        batch = _grow_batch(net, topo.patch_size, budget, n_voxels) if steps == 0 else 2
+        seconds = budget.seconds(net, topo.patch_size, batch)
         why.append(
             f"CPU: each width {list(CPU_WIDTHS)} got the largest patch whose step is estimated under {target:g} s;"
             f" width {base} is the widest whose patch {list(topo.patch_size)} covers >= {CPU_MIN_COVERAGE:.0%} "
-            f"of the median image (or the narrowest): {_coverage(topo.patch_size, median):.0%} covered, "
-            f"estimated {seconds:.2f} s per iteration"
+            f"of the median image (or the narrowest): {_coverage(topo.patch_size, median):.0%} covered"
+            + (
+                f"; the patch covers the median image, so the time left goes to the batch: {batch}"
+                if steps == 0
+                else ""
+            )
+            + f"; estimated {seconds:.2f} s per iteration"
         )
-        return net, tuple(topo.patch_size), 2, why
+        return net, tuple(topo.patch_size), batch, why
     block = "residual" if budget.device.memory_bytes >= 16 * GIB else "plain"
     why.append(
         f"{budget.device.memory_bytes / GIB:.0f} GB GPU: {'residual' if block == 'residual' else 'plain'} "
@@ -158,10 +173,8 @@ def plan_patch(
     net = make_gpu(topo)
     cap = rules.dataset_fraction_batch_cap(n_voxels, topo.patch_size)
     batch = 2
-    limit_batch = min(cap.value, MAX_BATCH[ndim])
     if steps == 0:  # the patch covers the median image: spend the remaining memory on the batch
-        while batch < limit_batch and budget.fits(net, topo.patch_size, batch + 1):
-            batch += 1
+        batch = _grow_batch(net, topo.patch_size, budget, n_voxels)
     limit = budget.memory_limit() / GIB
     shrunk = f"shrunk in {steps} steps" if steps else "the median image"
     why.append(

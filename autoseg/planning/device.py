@@ -75,10 +75,14 @@ def measure_step_seconds(
     batch_size: int,
     *,
     device: str = "cpu",
-    steps: int = 2,
+    steps: int = 3,
     precision: str = "fp32",
 ) -> float:
-    """Median wall seconds of ``steps`` timed training steps after one warm-up step (real network, real loss)."""
+    """Fastest of ``steps`` timed training steps after one warm-up step (real network, real loss).
+
+    The minimum, not the mean: other processes can only slow a step down, so the fastest is the best estimate of
+    what the machine does when training has it to itself.
+    """
     from autoseg.networks.builder import build_network  # networks import torch.nn; keep planning import-light
 
     dev = torch.device(device)
@@ -104,7 +108,6 @@ def measure_step_seconds(
             torch.cuda.synchronize(dev)
         if i:
             times.append(time.perf_counter() - start)
-    times.sort()
-    seconds = times[len(times) // 2]
+    seconds = min(times)
     log.debug("measured %.3f s per step for patch %s batch %d on %s", seconds, tuple(patch_size), batch_size, device)
     return seconds if math.isfinite(seconds) else float("inf")

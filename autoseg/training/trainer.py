@@ -36,7 +36,7 @@ from autoseg.training.loader import BatchLoader, BatchRecipe, CaseData, choose_w
 from autoseg.training.losses import build_loss
 from autoseg.training.splits import fold_cases, load_or_make_splits
 
-__all__ = ["TrainOptions", "PreprocessedCases", "fold_dir", "train_fold", "resolve_device"]
+__all__ = ["TrainOptions", "PreprocessedCases", "fold_dir", "train_fold", "train_step", "resolve_device"]
 
 log = logging.getLogger(__name__)
 
@@ -300,6 +300,30 @@ def _to(batch: dict, device: torch.device) -> tuple[torch.Tensor, list[torch.Ten
     return data, targets
 
 
+def train_step(
+    network: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    loss_fn: torch.nn.Module,
+    data: torch.Tensor,
+    targets: list[torch.Tensor],
+    *,
+    dtype: torch.dtype | None,
+    grad_clip: float,
+) -> float:
+    """One optimisation step: forward (autocast when ``dtype``), loss, backward, gradient clipping, step."""
+    optimizer.zero_grad(set_to_none=True)
+    with torch.autocast(data.device.type, dtype=dtype, enabled=dtype is not None):
+        outputs = network(data)
+    loss = loss_fn(outputs, targets if isinstance(outputs, (list, tuple)) else targets[0])
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    torch.nn.utils.clip_grad_norm_(network.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    return float(loss.detach())
+
+
 def _run_epoch(
     network, optimizer, scaler, loss_fn, batches, source, val_recipe, plans, c, epoch, device, dtype
 ) -> dict:
@@ -311,16 +335,9 @@ def _run_epoch(
     start, losses = time.perf_counter(), []
     for _ in range(t.iterations_per_epoch):
         data, targets = _to(next(batches), device)
-        optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            outputs = network(data)
-        loss = loss_fn(outputs, targets if isinstance(outputs, (list, tuple)) else targets[0])
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(network.parameters(), t.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        losses.append(float(loss.detach()))
+        losses.append(
+            train_step(network, optimizer, scaler, loss_fn, data, targets, dtype=dtype, grad_clip=t.grad_clip)
+        )
     train_seconds = time.perf_counter() - start
     network.eval()
     counts, val_losses = 0, []
