@@ -1,0 +1,43 @@
+"""Placement of (configuration, fold) jobs on devices, tested with a fake device list and fake jobs."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+from autoseg.training.jobs import Job, detect_devices, run_jobs, train_command
+
+
+def test_detect_devices_parses_the_flag():
+    assert detect_devices("0,1") == ["cuda:0", "cuda:1"]
+    assert detect_devices("cpu") == ["cpu"]
+    assert detect_devices("cuda:3") == ["cuda:3"]
+
+
+def test_one_job_per_device_queue_and_failures(tmp_path):
+    starts: dict[Job, tuple[str, float]] = {}
+
+    def launcher(job, device, logfile):
+        starts[job] = (device, time.perf_counter())
+        code = 3 if job.fold == "2" else 0
+        script = f"import time, sys; time.sleep(0.4); print('job {job.fold}'); sys.exit({code})"
+        with open(logfile, "ab") as fh:
+            return subprocess.Popen([sys.executable, "-c", script], stdout=fh, stderr=subprocess.STDOUT)
+
+    jobs = [Job("3d_fullres", str(f)) for f in range(5)]
+    results = run_jobs(tmp_path, jobs, ["cuda:0", "cuda:1"], launcher=launcher, poll_seconds=0.05)
+    assert sorted(r.job.fold for r in results) == ["0", "1", "2", "3", "4"]
+    failed = [r for r in results if not r.ok]
+    assert [r.job.fold for r in failed] == ["2"] and failed[0].returncode == 3
+    assert "job 2" in failed[0].log.read_text()
+    assert {d for d, _ in starts.values()} == {"cuda:0", "cuda:1"}
+    # never more than two jobs at once: the third job starts only after one of the first two ended
+    order = sorted(starts.values(), key=lambda item: item[1])
+    assert order[2][1] - order[0][1] >= 0.35
+
+
+def test_train_command_runs_one_job_in_process(tmp_path):
+    cmd = train_command(tmp_path, Job("2d", "all"), ["training.epochs=3"])
+    assert cmd[1:4] == ["-m", "autoseg.cli", "train"] and "--no-jobs" in cmd
+    assert cmd[cmd.index("-f") + 1] == "all" and cmd[cmd.index("--set") + 1] == "training.epochs=3"
