@@ -60,7 +60,17 @@ def test_run_again_does_nothing(trained, caplog):
 def test_predict_keeps_geometry_and_evaluates(trained, tmp_path):
     data, run = trained
     out = tmp_path / "pred"
-    written = predict_path(run, data / "imagesTs", out, device="cpu", uncertainty=True, save_probabilities=True)
+    written = predict_path(
+        run,
+        data / "imagesTs",
+        out,
+        device="cpu",
+        uncertainty=True,
+        save_probabilities=True,
+        configs=["3d_fullres", "2d"],
+        folds=["0"],
+        mirror_mode="single",
+    )
     assert [p.name for p in written] == ["case_005.nii.gz", "case_006.nii.gz"]
     for path in written:
         image_geo = read_header(data / "imagesTs" / path.name.replace(".nii.gz", "_0000.nii.gz"))

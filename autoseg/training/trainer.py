@@ -332,6 +332,8 @@ def _run_epoch(
     for group in optimizer.param_groups:
         group["lr"] = lr
     network.train()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     start, losses = time.perf_counter(), []
     for _ in range(t.iterations_per_epoch):
         data, targets = _to(next(batches), device)
@@ -339,6 +341,7 @@ def _run_epoch(
             train_step(network, optimizer, scaler, loss_fn, data, targets, dtype=dtype, grad_clip=t.grad_clip)
         )
     train_seconds = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     network.eval()
     counts, val_losses = 0, []
     with torch.no_grad(), BatchLoader(source, val_recipe, workers=0, start=epoch * t.val_iterations) as val_batches:
@@ -360,6 +363,7 @@ def _run_epoch(
         "lr": lr,
         "seconds": round(time.perf_counter() - start, 3),
         "seconds_per_iteration": round(train_seconds / t.iterations_per_epoch, 4),
+        "peak_memory_bytes": peak,
     }
 
 

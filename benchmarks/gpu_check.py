@@ -1,0 +1,176 @@
+"""One prepared check on a CUDA machine: plan for the real GPU, train as GPU jobs, predict, memory model.
+
+    python benchmarks/gpu_check.py [--out DIR] [--epochs 4]
+
+1. the whole pipeline on a synthetic CT dataset: fingerprint, a plan for this GPU (memory read from the device,
+   step time measured), preprocessing, (configuration, fold) jobs launched as separate processes on the GPU(s)
+   by the job placer with mixed precision, their seconds per iteration and peak memory against the plan's
+   estimate, then fp16 sliding-window prediction of held-out cases with and without mirroring, and their Dice;
+2. the planner's plan for a large real dataset (Liver, from fingerprints/) on this GPU: measured peak memory of a
+   real training step against the estimate and against the card.
+Writes ``gpu_check.json`` into --out (default benchmarks/results).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH", "")]))
+
+from autoseg.data.synth import make_dataset  # noqa: E402
+from autoseg.evaluation.evaluate import evaluate_folders  # noqa: E402
+from autoseg.fingerprint import extract_fingerprint  # noqa: E402
+from autoseg.fingerprint_import import load_corpus_entry  # noqa: E402
+from autoseg.inference.predict import predict_path  # noqa: E402
+from autoseg.planning.memory import measure_training_memory  # noqa: E402
+from autoseg.planning.planner import make_plans  # noqa: E402
+from autoseg.preprocessing.preprocess import preprocess  # noqa: E402
+from autoseg.runfolder import record_dataset  # noqa: E402
+from autoseg.training.jobs import Job, detect_devices, run_jobs  # noqa: E402
+
+GIB = 2**30
+
+
+def _stamp(start: float, text: str) -> None:
+    print(f"[{time.perf_counter() - start:7.1f} s] {text}", flush=True)
+
+
+def pipeline(work: Path, epochs: int, start: float, device: str = "cuda") -> dict:
+    data = make_dataset(work / "data", "ct3d", cases=12, test_cases=3, seed=1)
+    run = work / "run"
+    record_dataset(run, data)
+    fp = extract_fingerprint(data, run / "fingerprint.json")
+    t = time.perf_counter()
+    plans = make_plans(
+        fp,
+        device=device,
+        overrides=[f"training.epochs={epochs}", "training.iterations_per_epoch=50", "training.val_iterations=5"],
+    )
+    plan_seconds = time.perf_counter() - t
+    plans.save(run / "plans.json")
+    _stamp(start, f"planned for {plans.device.name} in {plan_seconds:.1f} s")
+    preprocess(run, data_dir=data)
+    devices = detect_devices(None if device == "cuda" else "cpu")
+    jobs = [Job("3d_fullres", "0"), Job("3d_fullres", "1"), Job("2d", "0")]
+    results = run_jobs(run, jobs, devices)
+    _stamp(
+        start,
+        "jobs: "
+        + ", ".join(f"{r.job.config}/{r.job.fold} on {r.device}: rc {r.returncode} {r.seconds:.0f} s" for r in results),
+    )
+    out = {
+        "device": plans.device.name,
+        "plan_seconds": round(plan_seconds, 1),
+        "devices": devices,
+        "plan_why": list(plans.why),
+        "jobs": [],
+        "configurations": {},
+    }
+    for name, c in plans.configurations.items():
+        out["configurations"][name] = {
+            "patch_size": list(c.patch_size),
+            "batch_size": c.batch_size,
+            "block": c.network.block,
+            "features": list(c.network.features_per_stage),
+            "estimated_memory_gib": round(c.estimated_memory_bytes / GIB, 3),
+        }
+    for r in results:
+        log = run / "models" / r.job.config / f"fold_{r.job.fold}" / "log.jsonl"
+        records = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
+        peak = max((x.get("peak_memory_bytes") or 0 for x in records), default=0)
+        estimate = plans.configurations[r.job.config].estimated_memory_bytes
+        out["jobs"].append(
+            {
+                "config": r.job.config,
+                "fold": r.job.fold,
+                "device": r.device,
+                "returncode": r.returncode,
+                "seconds": r.seconds,
+                "seconds_per_iteration": [x["seconds_per_iteration"] for x in records],
+                "pseudo_dice_last": records[-1]["val_dice"] if records else None,
+                "peak_memory_gib": round(peak / GIB, 3),
+                "estimate_over_measured": round(estimate / peak, 3) if peak else None,
+                "log_tail": r.log.read_text(errors="replace")[-1500:] if r.returncode else "",
+            }
+        )
+    for mode in ("none", "all"):
+        t = time.perf_counter()
+        pred = work / f"pred_{mode}"
+        predict_path(
+            run, data / "imagesTs", pred, configs=["3d_fullres"], folds=["0", "1"], device=device, mirror_mode=mode
+        )
+        seconds = time.perf_counter() - t
+        summary = evaluate_folders(pred, data / "labelsTs", workers=1)
+        out[f"predict_{mode}"] = {
+            "seconds_total": round(seconds, 2),
+            "cases": 3,
+            "dice_per_class": {k: round(v["dice"].mean, 4) for k, v in summary.per_class.items()},
+        }
+        _stamp(
+            start,
+            f"predict mirror={mode}: {seconds:.1f} s for 3 cases, Dice {out[f'predict_{mode}']['dice_per_class']}",
+        )
+    return out
+
+
+def large_plan(start: float) -> dict:
+    entry = load_corpus_entry(ROOT / "fingerprints" / "Dataset003_Liver.json")
+    plans = make_plans(entry.fingerprint, device="cuda")
+    c = plans.configurations["3d_fullres"]
+    torch.backends.cudnn.benchmark = True
+    measured = measure_training_memory(
+        c.network, len(plans.channels), plans.n_outputs, c.patch_size, c.batch_size, precision="bf16", device="cuda"
+    )
+    total = torch.cuda.get_device_properties(0).total_memory
+    _stamp(
+        start,
+        f"Liver plan {list(c.patch_size)} x{c.batch_size} ({c.network.block}): estimate "
+        f"{c.estimated_memory_bytes / GIB:.1f} GiB, measured {measured / GIB:.1f} GiB of {total / GIB:.0f}",
+    )
+    return {
+        "patch_size": list(c.patch_size),
+        "batch_size": c.batch_size,
+        "block": c.network.block,
+        "features": list(c.network.features_per_stage),
+        "estimated_gib": round(c.estimated_memory_bytes / GIB, 2),
+        "measured_gib": round(measured / GIB, 2),
+        "card_gib": round(total / GIB, 1),
+        "estimate_over_measured": round(c.estimated_memory_bytes / measured, 3),
+        "card_fraction_used": round(measured / total, 3),
+        "why": list(c.why),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/autoseg-gpu-check"))
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--device", default="cuda", help="cpu runs the pipeline part only (a smoke test)")
+    args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("no CUDA device: this check is for a GPU machine (--device cpu for a smoke test)")
+    start = time.perf_counter()
+    result = {"torch": torch.__version__, "gpu": torch.cuda.get_device_name(0) if args.device == "cuda" else "none"}
+    if args.device == "cuda":
+        try:
+            result["large_plan"] = large_plan(start)
+        except Exception as exc:  # keep going: the pipeline part is independent
+            result["large_plan"] = {"error": repr(exc)}
+    result["pipeline"] = pipeline(args.work, args.epochs, start, args.device)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "gpu_check.json").write_text(json.dumps(result, indent=2) + "\n")
+    _stamp(start, f"wrote {args.out / 'gpu_check.json'}")
+
+
+if __name__ == "__main__":
+    main()
