@@ -329,6 +329,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--uncertainty", action="store_true", help="also write entropy/disagreement maps and scores")
     p.add_argument("--device", default="auto")
     p.add_argument("--continue", dest="continue_", action="store_true", help="skip cases already predicted")
+    p.add_argument(
+        "--checkpoint",
+        choices=["final", "best", "latest"],
+        default="final",
+        help="which checkpoint of each fold (default: final)",
+    )
 
     p = add("evaluate", _cmd_evaluate, "metrics of predicted label files against reference label files")
     p.add_argument("pred", type=Path, help="folder of predictions")

@@ -84,11 +84,14 @@ def predict_path(
     save_probabilities: bool = False,
     uncertainty: bool = False,
     skip_existing: bool = False,
+    checkpoint: str = "final",
     progress: Callable[[int, int], None] | None = None,
 ) -> list[Path]:
     """Predict every case under ``inputs`` into ``out_dir``; returns the label files written."""
     out_dir = Path(out_dir)
-    predictor = Predictor(run_dir, configs=configs, folds=folds, device=device, mirror_mode=mirror_mode)
+    predictor = Predictor(
+        run_dir, configs=configs, folds=folds, device=device, mirror_mode=mirror_mode, checkpoint=checkpoint
+    )
     cases = collect_inputs(inputs, len(predictor.plans.channels))
     written, scores = [], {}
     score_file = out_dir / "uncertainty.json"
