@@ -48,7 +48,10 @@ def train_jobs(
     splits = load_or_make_splits(run_dir, cases)
     fold_list = [str(f) for f in range(splits.n_folds)] if folds in ("cv", ["cv"]) else [str(f) for f in folds]
     jobs = [
-        Job(c, f) for c in names for f in fold_list if not (fold_dir(run_dir, c, f) / "checkpoint_final.pt").is_file()
+        Job(c, f, plans.configurations[c].training.gpus_per_job)
+        for c in names
+        for f in fold_list
+        if not (fold_dir(run_dir, c, f) / "checkpoint_final.pt").is_file()
     ]
     if not jobs:
         log.info("every requested fold is trained")

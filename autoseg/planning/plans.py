@@ -149,6 +149,7 @@ class TrainingSpec:
     grad_clip: float = 12.0
     precision: str = "auto"
     seed: int = 12345
+    gpus_per_job: int = 1  # > 1: one job data-parallel (DDP, torchrun) over this many GPUs
 
 
 @dataclass(frozen=True)

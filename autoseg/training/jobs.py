@@ -9,6 +9,7 @@ Across machines use an existing launcher (torchrun, SLURM, Ray); this is not a c
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import subprocess
@@ -29,6 +30,7 @@ log = logging.getLogger(__name__)
 class Job:
     config: str
     fold: str
+    gpus: int = 1  # > 1: data-parallel over this many devices, launched with torchrun
 
 
 @dataclass(frozen=True)
@@ -62,21 +64,12 @@ def detect_devices(requested: str | None = None) -> list[str]:
 
 
 def train_command(run_dir: Path, job: Job, overrides: Sequence[str] = (), extra: Sequence[str] = ()) -> list[str]:
-    """The ``autoseg train`` command line for one job (device given through the environment)."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "autoseg.cli",
-        "train",
-        str(run_dir),
-        "-c",
-        job.config,
-        "-f",
-        job.fold,
-        "--device",
-        "auto",
-        "--no-jobs",
-    ]
+    """The ``autoseg train`` command line for one job (device given through the environment; torchrun for DDP)."""
+    python = [sys.executable]
+    if job.gpus > 1:
+        python += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={job.gpus}"]
+    cmd = python + ["-m", "autoseg.cli", "train", str(run_dir), "-c", job.config, "-f", job.fold]
+    cmd += ["--device", "auto", "--no-jobs"]
     for item in overrides:
         cmd += ["--set", item]
     return cmd + list(extra)
@@ -88,10 +81,8 @@ Launcher = Callable[[Job, str, Path], subprocess.Popen]
 def _default_launcher(run_dir: Path, overrides: Sequence[str], extra: Sequence[str]) -> Launcher:
     def launch(job: Job, device: str, logfile: Path) -> subprocess.Popen:
         env = dict(os.environ)
-        if device.startswith("cuda"):
-            env["CUDA_VISIBLE_DEVICES"] = device.split(":", 1)[1] if ":" in device else "0"
-        else:
-            env["CUDA_VISIBLE_DEVICES"] = ""
+        gpus = [d.split(":", 1)[1] if ":" in d else "0" for d in device.split(",") if d.startswith("cuda")]
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
         handle = open(logfile, "ab")
         try:
             return subprocess.Popen(
@@ -128,8 +119,11 @@ def run_jobs(
     running: dict[str, tuple[Job, subprocess.Popen, float, Path]] = {}
     results: list[JobResult] = []
     while queue or running:
-        while queue and free:
-            job, device = queue.pop(0), free.pop(0)
+        while queue and len(free) >= min(queue[0].gpus, len(devices)):
+            job = queue.pop(0)
+            take = min(job.gpus, len(devices))
+            job = dataclasses.replace(job, gpus=take) if take != job.gpus else job
+            device, free = ",".join(free[:take]), free[take:]
             logfile = fold_dir(run_dir, job.config, job.fold) / "job.log"
             logfile.parent.mkdir(parents=True, exist_ok=True)
             log.info("start %s fold %s on %s (log: %s)", job.config, job.fold, device, logfile)
@@ -140,7 +134,7 @@ def run_jobs(
             if code is None:
                 continue
             del running[device]
-            free.append(device)
+            free.extend(device.split(","))
             result = JobResult(job, device, code, round(time.perf_counter() - start, 1), logfile)
             results.append(result)
             if result.ok:

@@ -32,6 +32,7 @@ from autoseg.serialization import to_jsonable
 from autoseg.training.augmentation import deep_supervision_scales, sampling_patch_size
 from autoseg.training.checkpoint import load_checkpoint, save_checkpoint
 from autoseg.training.curves import plot_training_curves
+from autoseg.training.distributed import from_environment
 from autoseg.training.loader import BatchLoader, BatchRecipe, CaseData, choose_workers
 from autoseg.training.losses import build_loss
 from autoseg.training.splits import fold_cases, load_or_make_splits
@@ -221,6 +222,10 @@ def _train(
 ) -> Path:
     t = c.training
     device = resolve_device(options.device)
+    ddp = from_environment(device)
+    if ddp is not None:
+        device = ddp.device(device)
+    main = ddp is None or ddp.is_main
     dtype = _precision(c, device)
     folder = preprocessed_folder(run_dir, c.name)
     cases = list_cases(folder)
@@ -233,7 +238,8 @@ def _train(
         torch.use_deterministic_algorithms(True)
     torch.manual_seed(seed)
     in_channels = len(plans.channels)
-    network = build_network(c.network, in_channels, plans.n_outputs).to(device)
+    model = build_network(c.network, in_channels, plans.n_outputs).to(device)
+    network = ddp.wrap(model, device) if ddp is not None else model
     n_ds = len(c.network.strides) - 1 if c.network.deep_supervision else 1
     loss_fn = build_loss(
         c.loss,
@@ -252,14 +258,17 @@ def _train(
         return out
     if latest.exists():
         state = load_checkpoint(latest, device)
-        network.load_state_dict(state["network"])
+        model.load_state_dict(state["network"])
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["grad_scaler"])
         torch.set_rng_state(state["torch_rng"])
         start_epoch, best_ema, history = state["epoch"], state["best_ema"], json.loads(state["history"])
         log.info("resuming %s fold %s at epoch %d", c.name, fold, start_epoch)
-    (out / "configuration.json").write_text(json.dumps(to_jsonable(c), indent=2) + "\n")
-    train_recipe, val_recipe = _recipes(plans, c, train_ids, val_ids, n_ds, seed)
+    if main:
+        (out / "configuration.json").write_text(json.dumps(to_jsonable(c), indent=2) + "\n")
+    rank_seed = seed + (7919 * ddp.rank if ddp is not None else 0)
+    per_rank = dataclasses.replace(c, batch_size=ddp.local_batch(c.batch_size)) if ddp is not None else c
+    train_recipe, val_recipe = _recipes(plans, per_rank, train_ids, val_ids, n_ds, rank_seed)
     source = PreprocessedCases(folder)
     batch_bytes = 4 * c.batch_size * in_channels * int(np.prod(train_recipe.sampling_patch_size))
     workers = options.workers if options.workers is not None else choose_workers(batch_bytes)
@@ -281,13 +290,28 @@ def _train(
     with BatchLoader(source, train_recipe, workers=workers, start=start_epoch * t.iterations_per_epoch) as batches:
         for epoch in range(start_epoch, last_epoch):
             record = _run_epoch(
-                network, optimizer, scaler, loss_fn, batches, source, val_recipe, plans, c, epoch, device, dtype
+                network,
+                optimizer,
+                scaler,
+                loss_fn,
+                batches,
+                source,
+                val_recipe if main else None,
+                plans,
+                c,
+                epoch,
+                device,
+                dtype,
             )
-            best_ema = _finish_epoch(out, record, history, network, optimizer, scaler, c, best_ema)
+            if not main:
+                continue
+            best_ema = _finish_epoch(out, record, history, model, optimizer, scaler, c, best_ema)
             if on_epoch_end is not None and on_epoch_end(epoch, record):
                 log.info("stopped after epoch %d by the caller (e.g. pruned by the search)", epoch)
                 return out
-    if last_epoch == t.epochs and not (out / "checkpoint_final.pt").exists():
+    if ddp is not None:
+        ddp.close()
+    if main and last_epoch == t.epochs and not (out / "checkpoint_final.pt").exists():
         save_checkpoint(out / "checkpoint_final.pt", load_checkpoint(latest))
         if options.predict_validation and val_ids:
             _predict_validation(run_dir, plans, c.name, fold, out, options.device)
@@ -342,6 +366,8 @@ def _run_epoch(
         )
     train_seconds = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    if val_recipe is None:  # a non-main DDP rank: rank 0 validates
+        return {"epoch": epoch, "train_loss": float(np.mean(losses))}
     network.eval()
     counts, val_losses = 0, []
     with torch.no_grad(), BatchLoader(source, val_recipe, workers=0, start=epoch * t.val_iterations) as val_batches:

@@ -41,3 +41,19 @@ def test_train_command_runs_one_job_in_process(tmp_path):
     cmd = train_command(tmp_path, Job("2d", "all"), ["training.epochs=3"])
     assert cmd[1:4] == ["-m", "autoseg.cli", "train"] and "--no-jobs" in cmd
     assert cmd[cmd.index("-f") + 1] == "all" and cmd[cmd.index("--set") + 1] == "training.epochs=3"
+
+
+def test_multi_gpu_job_takes_several_devices_and_uses_torchrun(tmp_path):
+    launched = []
+
+    def launcher(job, device, logfile):
+        launched.append((job, device, time.perf_counter()))
+        return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.3)"])
+
+    jobs = [Job("3d_fullres", "0", gpus=2), Job("3d_fullres", "1"), Job("3d_fullres", "2")]
+    results = run_jobs(tmp_path, jobs, ["cuda:0", "cuda:1", "cuda:2"], launcher=launcher, poll_seconds=0.05)
+    assert all(r.ok for r in results)
+    assert launched[0][1] == "cuda:0,cuda:1" and launched[1][1] == "cuda:2"
+    assert launched[2][2] - launched[0][2] >= 0.25  # the third job waited for free devices
+    cmd = train_command(tmp_path, Job("3d_fullres", "0", gpus=2))
+    assert cmd[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]

@@ -23,6 +23,7 @@ from autoseg.planning.plans import (
     load_plans,
 )
 from autoseg.preprocessing.preprocess import preprocess
+from autoseg.runfolder import record_dataset
 from autoseg.training.checkpoint import load_checkpoint
 from autoseg.training.trainer import TrainOptions, train_fold
 
@@ -64,6 +65,7 @@ def run_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("train")
     data = make_dataset(root / "data", "ct3d", cases=5, test_cases=0, seed=3)
     fp = extract_fingerprint(data, root / "run" / "fingerprint.json", workers=1)
+    record_dataset(root / "run", data)
     tiny_plans(fp).save(root / "run" / "plans.json")
     preprocess(root / "run", data_dir=data, workers=1)
     return root / "run"
@@ -144,3 +146,41 @@ def test_overrides_are_validated(run_dir):
         apply_overrides(plans, ["3d_fullres.batch_size=two"])
     with pytest.raises(ConfigError, match="neither a configuration"):
         apply_overrides(plans, ["2d.batch_size=2"])
+
+
+def test_data_parallel_job_with_torchrun_on_cpu(run_dir):
+    """Two DDP ranks (gloo) train one fold: rank 0 writes the checkpoints, the weights are synchronised."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "autoseg.cli",
+        "train",
+        str(run_dir),
+        "-c",
+        "3d_fullres",
+        "-f",
+        "2",
+        "--device",
+        "cpu",
+        "--no-jobs",
+        "-j",
+        "0",
+        "--set",
+        "training.epochs=2",
+    ]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    out = run_dir / "models" / "3d_fullres" / "fold_2"
+    state = load_checkpoint(out / "checkpoint_final.pt")
+    assert state["epoch"] == 2 and not any(k.startswith("module.") for k in state["network"])
+    assert len((out / "log.jsonl").read_text().splitlines()) == 2
+    assert (out / "validation" / "summary.json").is_file()

@@ -1,0 +1,59 @@
+"""Data-parallel training of one job on several devices (DDP), launched by ``torchrun``.
+
+``torchrun --nproc_per_node K -m autoseg.cli train RUN -c CONFIG -f FOLD --no-jobs`` starts K processes; each
+reads its rank from the environment torchrun sets. Each rank draws its own batches (seed offset by the rank) of
+``ceil(batch / K)`` samples, gradients are averaged by DDP, and rank 0 alone writes checkpoints, logs and the
+validation predictions. The job placer (:mod:`autoseg.training.jobs`) launches this when a plan asks for
+``training.gpus_per_job`` > 1.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["DistributedContext", "from_environment"]
+
+
+@dataclass(frozen=True)
+class DistributedContext:
+    rank: int
+    world_size: int
+    local_rank: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def device(self, requested: torch.device) -> torch.device:
+        return torch.device("cuda", self.local_rank) if requested.type == "cuda" else requested
+
+    def local_batch(self, batch_size: int) -> int:
+        return max(1, math.ceil(batch_size / self.world_size))
+
+    def wrap(self, network: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+        # the lowest deep-supervision head has weight 0 in the loss: its parameters get no gradient
+        ids = [device.index] if device.type == "cuda" else None
+        return torch.nn.parallel.DistributedDataParallel(network, device_ids=ids, find_unused_parameters=True)
+
+    def close(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def from_environment(device: torch.device) -> DistributedContext | None:
+    """The context torchrun describes in the environment, with the process group started; None when not DDP."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return None
+    context = DistributedContext(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if device.type == "cuda":
+            torch.cuda.set_device(context.local_rank)
+        dist.init_process_group(backend=backend)
+    return context
