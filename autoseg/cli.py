@@ -228,6 +228,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         workers=args.workers,
         search_trials=args.search_trials,
         search_hours=args.search_time,
+        n_folds=args.n_folds,
         progress=lambda name: None,
     )
     if selection is not None:
@@ -321,9 +322,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-tta", action="store_true", help="no mirroring (fastest)")
     p.add_argument(
         "--mirror",
-        choices=["all", "single", "none"],
-        default="all",
-        help="test-time mirroring: all flip combinations (default), one flip per axis, or none",
+        choices=["auto", "all", "single", "none"],
+        default="auto",
+        help="test-time mirroring: all flip combinations (as nnU-Net), one flip per axis, or none; "
+        "auto (default): all on a GPU, single on a CPU",
     )
     p.add_argument("--save-probabilities", action="store_true", help="also write <case>.npz probabilities")
     p.add_argument("--uncertainty", action="store_true", help="also write entropy/disagreement maps and scores")
@@ -354,6 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
     _plan_options(p)
     p.add_argument("--configs", nargs="+", default=None, help="configurations to train (default: all planned)")
     p.add_argument("--folds", default="cv", help="'cv' (all cross-validation folds, default) or e.g. 0,1")
+    p.add_argument("--n-folds", type=int, default=5, help="cross-validation folds (default 5)")
     p.add_argument("--devices", default=None, help="GPUs to use, e.g. 0,1")
     p.add_argument("-j", "--workers", type=int, default=None)
     p.add_argument("--search-trials", type=int, default=0, help="run a search of N trials before training")
@@ -361,7 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("example", _cmd_example, "the built-in example: synthetic CT, full pipeline on CPU, test Dice")
     p.add_argument("out", type=Path, nargs="?", default=Path("example"), help="folder (default: ./example)")
-    p.add_argument("--time-budget", type=float, default=0.12, metavar="HOURS", help="training budget (default 0.12)")
+    p.add_argument("--time-budget", type=float, default=0.1, metavar="HOURS", help="training budget (default 0.1)")
     p.add_argument("--cases", type=int, default=10, help="training cases (default 10)")
     return parser
 

@@ -93,6 +93,7 @@ def run_pipeline(
     workers: int | None = None,
     search_trials: int = 0,
     search_hours: float | None = None,
+    n_folds: int = 5,
     progress: Progress | None = None,
 ):
     """Run every stage up to ``select``; returns the Selection."""
@@ -109,6 +110,7 @@ def run_pipeline(
     else:
         plan_run(
             run_dir,
+            n_folds=n_folds,
             preset=preset,
             device=device,
             gpu_memory_gb=gpu_memory_gb,
@@ -124,6 +126,9 @@ def run_pipeline(
         data_dir=data_dir,
         progress=progress("preprocess") if progress else None,
     )
+    from autoseg.preprocessing.store import list_cases, preprocessed_folder
+
+    load_or_make_splits(run_dir, list_cases(preprocessed_folder(run_dir, names[0])), n_folds=n_folds)
     if search_trials or search_hours:
         from autoseg.search import search
 

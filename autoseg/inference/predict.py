@@ -80,7 +80,7 @@ def predict_path(
     configs: Sequence[str] | None = None,
     folds: Sequence[str] | None = None,
     device: str = "auto",
-    mirror_mode: str = "all",
+    mirror_mode: str = "auto",
     save_probabilities: bool = False,
     uncertainty: bool = False,
     skip_existing: bool = False,

@@ -27,7 +27,7 @@ __all__ = ["predict_validation", "validation_dir"]
 log = logging.getLogger(__name__)
 
 #: Mirroring used for validation predictions; ``autoseg predict`` uses the same default.
-VALIDATION_MIRROR_MODE = "all"
+VALIDATION_MIRROR_MODE = "auto"
 
 
 def validation_dir(run_dir: Path | str, config: str, fold: int | str) -> Path:
