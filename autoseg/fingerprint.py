@@ -176,7 +176,9 @@ def _analyse_case(spec: DatasetSpec, case: Case, n_samples: int, seed: int) -> t
     voxel_mm3 = geometry.voxel_volume_mm3
     rng = np.random.default_rng([seed, int.from_bytes(case.id.encode()[:8].ljust(8, b"\0"), "little")])
     samples: list[np.ndarray] = []
-    class_voxels, n_components, volumes = {}, {}, {}
+    class_voxels: dict[str, int] = {}
+    n_components: dict[str, int] = {}
+    volumes: dict[str, tuple[float, ...]] = {}
     if label is not None:
         fg = label > 0
         if spec.ignore_label is not None:

@@ -75,7 +75,7 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
         if value not in get_args(tp):
             raise ConfigError(f"{where}: {value!r} is not one of {list(get_args(tp))}")
         return value
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if not isinstance(value, Mapping):
             raise ConfigError(f"{where}: expected an object for {tp.__name__}, got {type(value).__name__}")
         return from_jsonable(tp, value, where=where)

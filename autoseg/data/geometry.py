@@ -56,10 +56,11 @@ class Geometry:
 
     def with_shape(self, shape_zyx: tuple[int, int, int]) -> Geometry:
         """The same geometry with another array shape (for resampled or cropped arrays)."""
+        z, y, x = (int(s) for s in shape_zyx)
         return Geometry(
             self.spacing_zyx,
-            tuple(int(s) for s in shape_zyx),
-            self.origin_xyz,  # type: ignore[arg-type]
+            (z, y, x),
+            self.origin_xyz,
             self.direction_xyz,
             self.ndim,
         )

@@ -162,10 +162,10 @@ def _read_tiff(path: Path) -> tuple[np.ndarray, Geometry]:
     sidecar = _tiff_sidecar(path)
     if array.ndim == 3:  # 2D
         array = array[:, None]
-        spacing = (1.0, 1.0)
+        spacing: tuple[float, ...] = (1.0, 1.0)
         if sidecar is not None:
             spacing = tuple(float(s) for s in json.loads(sidecar.read_text())["spacing"])[-2:]
-        spacing_zyx = (PLANAR_Z_SPACING_FACTOR * max(spacing), spacing[0], spacing[1])
+        spacing_zyx: tuple[float, ...] = (PLANAR_Z_SPACING_FACTOR * max(spacing), spacing[0], spacing[1])
         ndim = 2
     elif array.ndim == 4:
         if sidecar is None:
@@ -322,10 +322,15 @@ def write_image(array: np.ndarray, geometry: Geometry, path: Path | str) -> None
     if ending in TIFF_ENDINGS:
         import tifffile
 
-        atomic_path(path, lambda tmp: tifffile.imwrite(tmp, array[0] if geometry.is_2d else array, compression="zlib"))
-        sidecar = path.with_name(strip_ending(path) + ".json")
-        spacing = list(geometry.spacing_zyx[1:] if geometry.is_2d else geometry.spacing_zyx)
-        atomic_path(sidecar, lambda tmp: tmp.write_text(json.dumps({"spacing": spacing})))
+        def write_tiff(tmp: Path) -> None:
+            tifffile.imwrite(tmp, array[0] if geometry.is_2d else array, compression="zlib")
+
+        def write_sidecar(tmp: Path) -> None:
+            spacing = list(geometry.spacing_zyx[1:] if geometry.is_2d else geometry.spacing_zyx)
+            tmp.write_text(json.dumps({"spacing": spacing}))
+
+        atomic_path(path, write_tiff)
+        atomic_path(path.with_name(strip_ending(path) + ".json"), write_sidecar)
         return
     image = to_sitk(array, geometry)
     atomic_path(path, lambda tmp: sitk.WriteImage(image, str(tmp), useCompression=True))

@@ -112,12 +112,12 @@ def _grow_batch(net: NetworkSpec, patch: Sequence[int], budget: Budget, n_voxels
     return batch
 
 
-def _coverage(patch: Sequence[int], median: Sequence[float]) -> float:
+def _coverage(patch: Sequence[int], median: rules.Vector) -> float:
     return float(np.prod([min(1.0, p / m) for p, m in zip(patch, median)]))
 
 
 def plan_patch(
-    spacing: Sequence[float], median: Sequence[float], n_voxels: float, budget: Budget
+    spacing: rules.Vector, median: rules.Vector, n_voxels: float, budget: Budget
 ) -> tuple[NetworkSpec, tuple[int, ...], int, list[str]]:
     """Network, patch and batch for one configuration at ``spacing`` (preprocessed order)."""
     ndim = len(spacing)
@@ -187,7 +187,7 @@ def plan_patch(
 
 
 def class_balance(
-    fp: Fingerprint, patch: Sequence[int], spacing: Sequence[float], ndim: int
+    fp: Fingerprint, patch: Sequence[int], spacing: rules.Vector, ndim: int
 ) -> tuple[LossSpec, float, list[str]]:
     """Loss and foreground oversampling from the class balance (nnU-Net fixes both: Dice+CE, 0.33)."""
     batch_dice = ndim == 2
@@ -245,8 +245,8 @@ def epochs_for_budget(
 def plan_configuration(
     name: str,
     fp: Fingerprint,
-    spacing: Sequence[float],
-    median: Sequence[float],
+    spacing: rules.Vector,
+    median: rules.Vector,
     n_voxels: float,
     budget: Budget,
     base: Configuration,

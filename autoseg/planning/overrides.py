@@ -34,7 +34,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 def _set(obj: Any, path: list[str], value: Any, where: str) -> Any:
     """Return a copy of dataclass ``obj`` with the field at ``path`` set to ``value`` (type-checked)."""
-    if not dataclasses.is_dataclass(obj):
+    if not dataclasses.is_dataclass(obj) or isinstance(obj, type):
         if isinstance(obj, dict) and len(path) == 1:
             return {**obj, path[0]: value}
         raise ConfigError(f"{where}: cannot set a field inside a {type(obj).__name__}")
