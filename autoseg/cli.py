@@ -211,6 +211,34 @@ def _cmd_select(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_search(args: argparse.Namespace) -> int:
+    from autoseg.search import search
+
+    result = search(
+        args.run,
+        trials=args.trials,
+        time_budget_hours=args.time_budget,
+        storage=args.storage,
+        study_name=args.study,
+        config=args.config,
+        seed=args.seed,
+        fold=args.fold,
+        budget_epochs=args.budget_epochs,
+        device=args.device,
+        pruner=args.pruner,
+        workers=args.workers,
+    )
+    counts = f"{result.n_complete} complete, {result.n_pruned} pruned, {result.n_failed} failed"
+    print(f"study {result.study_name} ({result.storage}): {counts} trials in {result.seconds:.0f} s")
+    if result.best_value is None:
+        print("no trial finished; plans.json is unchanged")
+        return 0
+    rule = "n/a" if result.rule_value is None else f"{result.rule_value:.4f}"
+    print(f"  rule plan: {rule}; best: trial {result.best_trial} ({result.configuration}) {result.best_value:.4f}")
+    print(f"  best parameters written to {Path(args.run) / 'plans.json'}: {result.best_params}")
+    return 0
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from autoseg.pipeline import run_pipeline
 
@@ -349,6 +377,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("select", _cmd_select, "choose configuration(s), ensemble and postprocessing on cross-validation")
     p.add_argument("run", type=Path)
     p.add_argument("--configs", nargs="+", default=None)
+
+    p = add("search", _cmd_search, "search what the rules cannot decide (Optuna); the best plan goes to plans.json")
+    p.add_argument("run", type=Path, help="preprocessed run folder")
+    budget = p.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--trials", type=int, default=None, help="finished trials the study should have")
+    budget.add_argument("--time-budget", type=float, default=None, metavar="HOURS", help="search for this long")
+    p.add_argument("--storage", default=None, help="postgresql://... shared by workers (default: a journal file)")
+    p.add_argument("--study", default=None, help="study name (default: autoseg-<dataset>)")
+    p.add_argument("--config", default=None, help="search this configuration only (default: the configuration too)")
+    p.add_argument("--fold", type=int, default=0, help="fold each trial trains and validates (default 0)")
+    p.add_argument("--budget-epochs", type=int, default=None, help="epochs of a trial (default: a quarter, >= 3)")
+    p.add_argument("--pruner", choices=["successive_halving", "hyperband", "none"], default="successive_halving")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("-j", "--workers", type=int, default=None, help="data loader processes per trial")
 
     p = add("run", _cmd_run, "every stage: fingerprint, plan, preprocess, [search,] train all folds, select")
     p.add_argument("data", type=Path, help="dataset folder")
