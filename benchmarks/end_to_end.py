@@ -1,0 +1,309 @@
+"""End to end at an equal wall-clock training budget: autoseg vs nnU-Net v2, same data, same held-out cases.
+
+    flock /tmp/autoseg-bench.lock python benchmarks/end_to_end.py [--minutes 20] [--cases 20] [--test-cases 10]
+
+One synthetic CT dataset (``autoseg synth --kind ct3d``, nnU-Net v2 layout, truth of the held-out cases in
+``labelsTs/``) is both tools' raw data. Both tools run AT THE SAME TIME, each pinned to its own core (autoseg on
+``--cores[0]``, nnU-Net on ``--cores[1]``) with one torch thread and no data-loader processes, so both get exactly
+one core and see the same background load. Each tool plans with its own planner and defaults:
+
+- autoseg: ``fingerprint``, ``plan --device cpu --time-budget MINUTES/60`` (planned under the same pinning, so its
+  step measurement sees one core; the plan sizes the network and sets epochs so that every configuration x 5
+  folds fits), ``preprocess``, ``train`` (all configurations x folds), ``select``, ``predict``.
+- nnU-Net: ``nnUNetv2_plan_and_preprocess -c 3d_fullres``, a probe run that measures its iteration time, then
+  ``nnUNetv2_train 3d_fullres all`` with its default trainer whose epochs x iterations fit the budget (see
+  ``_nnunet_e2e.py``), then prediction with its defaults (mirroring on).
+
+Training starts for both at the same moment and is stopped at the budget if still running (prediction then uses
+the latest checkpoints). Planning, preprocessing and prediction are timed and reported, outside the budget. Both
+tools' predictions are scored by ``autoseg evaluate`` against ``labelsTs``. Prints a table and writes
+``benchmarks/results/<--name>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import _nnunet_e2e as nn  # noqa: E402
+from _measure import NNUNET_PYTHON, print_table, write_results  # noqa: E402
+
+DATASET_ID, DATASET = 905, "Dataset905_E2ESynthCT"
+AUTOSEG = [sys.executable, "-m", "autoseg.cli"]
+
+
+def nnunet_cmd(name: str) -> str:
+    return str(Path(NNUNET_PYTHON).parent / name)
+
+
+class Side:
+    """One tool's stages, run in a thread; the barrier lines up the start and end of both trainings."""
+
+    def __init__(self, name: str, work: Path, cpu: int, budget_s: float, barrier: threading.Barrier):
+        self.name, self.work, self.cpu, self.budget_s, self.barrier = name, work, cpu, budget_s, barrier
+        self.stages: dict[str, dict] = {}
+        self.facts: dict = {}
+        self.error: str | None = None
+
+    def stage(self, name: str, cmd: list[str], *, env: dict | None = None, deadline: bool = False) -> dict:
+        stamp = time.strftime("%H:%M:%S")
+        print(f"[{stamp}] {self.name}: {name}", flush=True)
+        log = self.work / "logs" / f"{self.name}_{name}.log"
+        result = nn.run_stage(cmd, log, cpu=self.cpu, env=env, deadline_s=self.budget_s if deadline else None)
+        self.stages[name] = result
+        return result
+
+    def run(self, data: Path) -> None:
+        try:
+            self.prepare(data)
+            self.barrier.wait()
+            self.train()
+            self.barrier.wait()
+            self.predict(data)
+        except Exception:  # report it and let the other side finish
+            self.error = traceback.format_exc()
+            print(f"{self.name} failed:\n{self.error}", flush=True)
+            self.barrier.abort()
+
+
+class Autoseg(Side):
+    @property
+    def run_dir(self) -> Path:
+        return self.work / "autoseg_run"
+
+    def prepare(self, data: Path) -> None:
+        run = str(self.run_dir)
+        self.stage("fingerprint", [*AUTOSEG, "fingerprint", str(data), "-o", run, "-j", "1"])
+        hours = f"{self.budget_s / 3600:.6f}"
+        self.stage("plan", [*AUTOSEG, "plan", run, "--device", "cpu", "--time-budget", hours])
+        self.stage("preprocess", [*AUTOSEG, "preprocess", run, "-j", "1"])
+
+    def train(self) -> None:
+        self.stage("train", [*AUTOSEG, "train", str(self.run_dir), "--devices", "cpu", "-j", "0"], deadline=True)
+
+    def predict(self, data: Path) -> None:
+        finished = not self.stages["train"]["stopped_at_budget"]
+        if finished:
+            self.stage("select", [*AUTOSEG, "select", str(self.run_dir)])
+        out = self.work / "pred_autoseg"
+        cmd = [*AUTOSEG, "predict", "-m", str(self.run_dir), "-i", str(data / "imagesTs"), "-o", str(out)]
+        self.stage("predict", cmd + ["--device", "cpu"] + ([] if finished else ["--checkpoint", "latest"]))
+        self.facts = autoseg_facts(self.run_dir)
+
+
+class NnUNet(Side):
+    def env(self) -> dict[str, str]:
+        return {
+            "nnUNet_raw": str(self.work / "nnUNet_raw"),
+            "nnUNet_preprocessed": str(self.work / "nnUNet_preprocessed"),
+            "nnUNet_results": str(self.work / "nnUNet_results"),
+        }
+
+    def train_env(self) -> dict[str, str]:
+        """No augmentation processes (0 would break nnU-Net's planner, which sizes torch threads by it)."""
+        return {**self.env(), "nnUNet_n_proc_DA": "0"}
+
+    def model_dir(self, trainer: str) -> Path:
+        return self.work / "nnUNet_results" / DATASET / f"{trainer}__nnUNetPlans__3d_fullres"
+
+    def train_cmd(self, trainer: str) -> list[str]:
+        return [nnunet_cmd("nnUNetv2_train"), str(DATASET_ID), "3d_fullres", "all", "-tr", trainer, "-device", "cpu"]
+
+    def prepare(self, data: Path) -> None:
+        dataset = str(DATASET_ID)
+        self.stage(
+            "fingerprint", [nnunet_cmd("nnUNetv2_extract_fingerprint"), "-d", dataset, "-np", "1"], env=self.env()
+        )
+        self.stage("plan", [nnunet_cmd("nnUNetv2_plan_experiment"), "-d", dataset], env=self.env())
+        cmd = [nnunet_cmd("nnUNetv2_preprocess"), "-d", dataset, "-c", "3d_fullres", "-np", "1"]
+        self.stage("preprocess", cmd, env=self.env())
+        nn.write_trainers(None)
+        probe = self.stage("probe", self.train_cmd("nnUNetTrainerE2EProbe"), env=self.train_env())
+        stats = nn.read_stats(self.model_dir("nnUNetTrainerE2EProbe") / "fold_all")
+        self.schedule = nn.fit_schedule(stats, probe["wall_s"], self.budget_s)
+        print(f"nnU-Net schedule: {self.schedule.why}", flush=True)
+        nn.write_trainers(self.schedule)
+
+    def train(self) -> None:
+        self.stage("train", self.train_cmd("nnUNetTrainerE2EBudget"), env=self.train_env(), deadline=True)
+
+    def predict(self, data: Path) -> None:
+        model = self.model_dir("nnUNetTrainerE2EBudget")
+        chk = (
+            "checkpoint_final.pth"
+            if (model / "fold_all" / "checkpoint_final.pth").is_file()
+            else "checkpoint_latest.pth"
+        )
+        script = str(HERE / "_nnunet_e2e_predict.py")
+        out = self.work / "pred_nnunet"
+        self.stage("predict", [NNUNET_PYTHON, script, str(model), "all", chk, str(data / "imagesTs"), str(out)])
+        self.facts = nnunet_facts(self.work, model, self.schedule, chk)
+
+
+def autoseg_facts(run: Path) -> dict:
+    """Key facts of autoseg's plan and of the training it did."""
+    from autoseg.networks.builder import build_network
+    from autoseg.planning.plans import load_plans
+
+    plans = load_plans(run)
+    configs = {}
+    for name, c in plans.configurations.items():
+        folds = sorted((run / "models" / name).glob("fold_*"))
+        epochs_done = [
+            len((f / "log.jsonl").read_text().splitlines()) if (f / "log.jsonl").is_file() else 0 for f in folds
+        ]
+        net = build_network(c.network, len(plans.channels), plans.n_outputs)
+        configs[name] = {
+            "patch_size": list(c.patch_size),
+            "batch_size": c.batch_size,
+            "features_per_stage": list(c.network.features_per_stage),
+            "parameters": sum(p.numel() for p in net.parameters()),
+            "epochs": c.training.epochs,
+            "iterations_per_epoch": c.training.iterations_per_epoch,
+            "folds_trained": {f.name: (f / "checkpoint_final.pt").is_file() for f in folds},
+            "epochs_done_per_fold": epochs_done,
+            "iterations_done": sum(epochs_done) * c.training.iterations_per_epoch,
+        }
+    selection = run / "selection.json"
+    chosen = json.loads(selection.read_text()) if selection.is_file() else None
+    return {
+        "configurations": configs,
+        "selection": chosen and {"configurations": chosen["configurations"], "candidates": chosen["candidates"]},
+        "plan_why": list(plans.why),
+    }
+
+
+def nnunet_facts(work: Path, model: Path, schedule: nn.Schedule, checkpoint: str) -> dict:
+    """Key facts of nnU-Net's plan and of the training it did."""
+    plans = json.loads((work / "nnUNet_preprocessed" / DATASET / "nnUNetPlans.json").read_text())
+    c = plans["configurations"]["3d_fullres"]
+    stats = nn.read_stats(model / "fold_all")
+    arch = c["architecture"]["arch_kwargs"]
+    epochs_done = len(stats.get("epoch_ends", []))
+    return {
+        "configuration": "3d_fullres",
+        "fold": "all",
+        "patch_size": c["patch_size"],
+        "batch_size": c["batch_size"],
+        "features_per_stage": arch["features_per_stage"],
+        "parameters": stats.get("parameters"),
+        "schedule": nn.schedule_dict(schedule),
+        "epochs_done": epochs_done,
+        "iterations_done": epochs_done * schedule.iterations,
+        "checkpoint_used": checkpoint,
+    }
+
+
+def evaluate(pred: Path, gt: Path, out: Path, names: dict[str, str]) -> dict:
+    """Dice per class and foreground mean from ``autoseg evaluate`` (the same code for both tools)."""
+    result = nn.run_stage([*AUTOSEG, "evaluate", str(pred), str(gt), "-o", str(out), "-j", "1"], out / "log", cpu=0)
+    summary = json.loads((out / "summary.json").read_text())
+    dice = {names.get(k, k): round(v["dice"]["mean"], 4) for k, v in summary["per_class"].items()}
+    return {"dice": dice, "mean_dice": round(summary["foreground_mean"]["dice"], 4), "wall_s": result["wall_s"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--minutes", type=float, default=20.0, help="training budget of each tool (default 20)")
+    parser.add_argument("--cases", type=int, default=20)
+    parser.add_argument("--test-cases", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cores", type=int, nargs=2, default=[0, 1], metavar=("AUTOSEG", "NNUNET"))
+    parser.add_argument("--work", type=Path, default=HERE / "work" / "end_to_end")
+    parser.add_argument("--name", default="end_to_end", help="results file name (default end_to_end)")
+    args = parser.parse_args()
+
+    shutil.rmtree(args.work, ignore_errors=True)
+    data = args.work / "nnUNet_raw" / DATASET
+    synth = [*AUTOSEG, "synth", str(data), "--kind", "ct3d", "--cases", str(args.cases)]
+    nn.run_stage(
+        synth + ["--test-cases", str(args.test_cases), "--seed", str(args.seed)],
+        args.work / "logs" / "synth.log",
+        cpu=0,
+    )
+    budget_s = args.minutes * 60
+    barrier = threading.Barrier(2)
+    sides = [Autoseg("autoseg", args.work, args.cores[0], budget_s, barrier)]
+    sides.append(NnUNet("nnunet", args.work, args.cores[1], budget_s, barrier))
+    threads = [threading.Thread(target=s.run, args=(data,)) for s in sides]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    failed = [s for s in sides if s.error]
+    if failed:
+        raise SystemExit(f"{', '.join(s.name for s in failed)} failed; logs in {args.work / 'logs'}")
+
+    labels = json.loads((data / "dataset.json").read_text())["labels"]
+    names = {str(v): k for k, v in labels.items()}
+    scores = {
+        s.name: evaluate(args.work / f"pred_{s.name}", data / "labelsTs", args.work / f"eval_{s.name}", names)
+        for s in sides
+    }
+    rows = [table_row(s, scores[s.name]) for s in sides]
+    class_names = list(scores["autoseg"]["dice"])
+    print(
+        f"\nequal budget: {args.minutes:g} min of training each, one core each, {args.cases} training cases, "
+        f"{args.test_cases} held-out cases"
+    )
+    columns = ["tool", "fingerprint_s", "plan_s", "preprocess_s", "train_s", "stopped", "iterations"]
+    print_table(
+        rows, columns + [*class_names, "mean_dice", "select_s", "predict_s", "train_rss_mib", "predict_rss_mib"]
+    )
+    payload = {
+        "settings": {
+            "minutes": args.minutes,
+            "cases": args.cases,
+            "test_cases": args.test_cases,
+            "seed": args.seed,
+            "kind": "ct3d",
+            "cores": {"autoseg": args.cores[0], "nnunet": args.cores[1]},
+            "threads_per_tool": 1,
+            "data_loader_processes": 0,
+            "nnunet": "3d_fullres, fold all, nnUNetTrainer with epochs x iterations fitted to the budget "
+            "(nnUNetTrainerE2EBudget), prediction with mirroring, step 0.5",
+            "autoseg": "default planner (--device cpu --time-budget), every configuration x 5 folds, select, "
+            "prediction with the selection and mirroring",
+        },
+        "rows": rows,
+        "scores": scores,
+        "stages": {s.name: s.stages for s in sides},
+        "plans": {s.name: s.facts for s in sides},
+    }
+    print(f"wrote {write_results(args.name, payload)}")
+
+
+def table_row(side: Side, score: dict) -> dict:
+    """One tool's line of the table: stage times, iterations trained, Dice, peak memory."""
+    st, facts = side.stages, side.facts
+    if side.name == "autoseg":
+        iterations = sum(c["iterations_done"] for c in facts["configurations"].values())
+    else:
+        iterations = facts["iterations_done"]
+    return {
+        "tool": side.name,
+        "fingerprint_s": st["fingerprint"]["wall_s"],
+        "plan_s": round(st["plan"]["wall_s"] + st.get("probe", {}).get("wall_s", 0), 1),
+        "preprocess_s": st["preprocess"]["wall_s"],
+        "train_s": st["train"]["wall_s"],
+        "stopped": st["train"]["stopped_at_budget"],
+        "iterations": iterations,
+        **score["dice"],
+        "mean_dice": score["mean_dice"],
+        "select_s": st.get("select", {}).get("wall_s", "-"),
+        "predict_s": st["predict"]["wall_s"],
+        "train_rss_mib": st["train"]["peak_rss_mib"],
+        "predict_rss_mib": st["predict"]["peak_rss_mib"],
+    }
+
+
+if __name__ == "__main__":
+    main()
