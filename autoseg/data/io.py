@@ -58,17 +58,27 @@ def strip_ending(path: Path | str) -> str:
     return name[: len(name) - len(ending)] if ending else name
 
 
+def _series_ids(path: Path) -> tuple[str, ...]:
+    """DICOM series in folder ``path``, without ITK's console warning for a folder that holds none."""
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        return tuple(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path)))
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
+
+
 def is_dicom_series(path: Path) -> bool:
     """True when ``path`` is a folder that holds a DICOM series."""
     path = Path(path)
-    return path.is_dir() and bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path)))
+    return path.is_dir() and bool(_series_ids(path))
 
 
 def _read_sitk(path: Path) -> sitk.Image:
     if not path.exists():
         raise ImageReadError(f"{path}: file not found")
     if path.is_dir():
-        ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path))
+        ids = _series_ids(path)
         if not ids:
             raise ImageReadError(f"{path}: folder holds no DICOM series")
         if len(ids) > 1:
