@@ -32,7 +32,7 @@ def trained(tmp_path_factory) -> tuple[Path, Path]:
     # a tiny CPU budget (0.05 GFLOP/s) makes the planner choose tiny networks and patches: fast, and exercised
     plans = make_plans(fp, device="cpu", check_speed=False, cpu_flops=5e7, overrides=TINY)
     plans.save(run / "plans.json")
-    selection = run_pipeline(data, run, device="cpu", configs=["3d_fullres", "2d"], workers=1)
+    selection = run_pipeline(data, run, device="cpu", configs=["3d_fullres", "2d"], workers=1, search_trials=2)
     assert selection is not None
     return data, run
 
@@ -48,6 +48,20 @@ def test_run_trains_every_fold_and_selects(trained):
     assert set(selection["candidates"]) == {"3d_fullres", "2d", "2d+3d_fullres"}
     assert selection["best"] in selection["candidates"]
     assert -1 <= selection["difference_to_runner_up"]["mean"] <= 1
+
+
+def test_run_searches_between_planning_and_training(trained):
+    from autoseg.planning.plans import load_plans
+    from autoseg.training.checkpoint import config_from_checkpoint, load_checkpoint
+
+    data, run = trained
+    plans = load_plans(run)
+    assert plans.search is not None and plans.search["n_complete"] + plans.search["n_pruned"] >= 1
+    name = plans.search["configuration"]
+    assert (run / "search" / "history.png").is_file() and (run / "search" / "importances.png").is_file()
+    trained_with = config_from_checkpoint(load_checkpoint(run / "models" / name / "fold_1" / "checkpoint_final.pt"))
+    assert trained_with["patch_size"] == list(plans.configurations[name].patch_size)
+    assert trained_with["training"]["learning_rate"] == pytest.approx(plans.configurations[name].training.learning_rate)
 
 
 def test_run_again_does_nothing(trained, caplog):
