@@ -148,7 +148,10 @@ class LossInputs:
         if self.mask is not None:
             probs = probs * self.mask
         axes = tuple(range(2, probs.ndim)) if not self.batch_dice else (0, *range(2, probs.ndim))
-        return (probs * target).sum(axes), probs.sum(axes), target.sum(axes)
+        counts = torch.stack(((probs * target).sum(axes), probs.sum(axes), target.sum(axes)))
+        if self.batch_dice:
+            counts = _sum_over_ranks(counts)
+        return counts[0], counts[1], counts[2]
 
     def masked_mean(self, voxel_map: Tensor) -> Tensor:
         """Mean of a ``(B, *spatial)`` map over the voxels that count (0 when none does)."""
@@ -163,6 +166,22 @@ class LossInputs:
 
 
 # --- terms -----------------------------------------------------------------------------------------------------
+
+
+def _sum_over_ranks(counts: Tensor) -> Tensor:
+    """Batch Dice under data parallelism: the counts of every rank's share of the batch, summed (with gradients).
+
+    Each rank then computes the Dice of the whole batch, as one process would; the backward pass sums the
+    gradients of the counts over the ranks, and DDP's averaging of parameter gradients makes the result the
+    single-process gradient.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return counts
+    from torch.distributed.nn.functional import all_reduce
+
+    return all_reduce(counts)
 
 
 def cross_entropy(x: LossInputs) -> Tensor:

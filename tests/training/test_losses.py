@@ -286,3 +286,35 @@ def test_losses_are_non_negative_and_dice_at_most_one(
         assert math.isfinite(value) and value >= -1e-6
     dice = build_loss(LossSpec("dice", batch_dice), n_outputs=n_classes)(logits, labels).item()
     assert dice <= 1.0 + 1e-6
+
+
+def _batch_dice_rank(rank: int, world: int, init: str, logits: torch.Tensor, labels: torch.Tensor, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        share = slice(rank * len(logits) // world, (rank + 1) * len(logits) // world)
+        mine = logits[share].clone().requires_grad_(True)
+        value = build_loss(LossSpec("dice", batch_dice=True), n_outputs=4)(mine, labels[share])
+        value.backward()
+        torch.save({"value": value.detach(), "grad": mine.grad}, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_batch_dice_under_data_parallelism_is_the_whole_batchs(tmp_path):
+    """Two gloo ranks with half a batch each compute the Dice of the whole batch, with the matching gradient."""
+    import torch.multiprocessing as mp
+
+    logits = torch.randn(4, 4, 5, 7, 9, generator=torch.Generator().manual_seed(3))
+    labels = _labels((5, 7, 9), batch=4, seed=4)
+    whole = logits.clone().requires_grad_(True)
+    expected = build_loss(LossSpec("dice", batch_dice=True), n_outputs=4)(whole, labels)
+    expected.backward()
+    init = f"file://{tmp_path / 'rendezvous'}"
+    mp.spawn(_batch_dice_rank, args=(2, init, logits, labels, str(tmp_path / "rank")), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank.{r}") for r in range(2)]
+    for r, got in enumerate(ranks):
+        assert got["value"].item() == pytest.approx(expected.item(), abs=1e-6)
+        # the backward pass sums over ranks and DDP averages parameter gradients: rank gradient / 2 = whole's share
+        assert torch.allclose(got["grad"] / 2, whole.grad[2 * r : 2 * r + 2], atol=1e-7)
