@@ -214,6 +214,9 @@ def _cmd_select(args: argparse.Namespace) -> int:
 def _cmd_search(args: argparse.Namespace) -> int:
     from autoseg.search import search
 
+    search_log = logging.getLogger("autoseg.search")
+    if search_log.getEffectiveLevel() > logging.INFO:  # a line per trial (the trainer adds one per epoch)
+        search_log.setLevel(logging.INFO)
     result = search(
         args.run,
         trials=args.trials,
