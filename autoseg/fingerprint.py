@@ -61,7 +61,7 @@ class IntensityStats:
 @dataclass(frozen=True)
 class ChannelFingerprint:
     name: str
-    normalization_hint: str  # "ct", "zscore", "rescale" or "none"
+    normalization_hint: str  # "ct", "zscore", "rescale", "rgb" or "none"
     foreground_intensity: IntensityStats | None
 
 
@@ -148,7 +148,9 @@ def normalization_hint(channel_name: str) -> str:
         return "ct"
     if name in ("nonorm", "none", "no_norm"):
         return "none"
-    if name in ("rescale_to_0_1", "rgb_to_0_1", "rgb", "r", "g", "b", "red", "green", "blue"):
+    if name in ("rgb_to_0_1", "rgb", "r", "g", "b", "red", "green", "blue"):
+        return "rgb"
+    if name in ("rescale_to_0_1", "rescale"):
         return "rescale"
     return "zscore"
 

@@ -385,7 +385,7 @@ def fingerprint_from_plans(
         "ZScoreNormalization": "zscore",
         "NoNormalization": "none",
         "RescaleTo01Normalization": "rescale",
-        "RGBTo01Normalization": "rescale",
+        "RGBTo01Normalization": "rgb",
     }
     names = any_config.normalization_schemes or ()
     if any(n not in schemes for n in names):

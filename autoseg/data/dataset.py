@@ -293,7 +293,13 @@ def _infer_channels_and_labels(cases: list[Case]) -> tuple[tuple[str, ...], dict
     array, _ = read_image(first)
     # air at about -1000 HU is the tell-tale of CT; everything else is treated as MR-like
     looks_ct = array.shape[0] == 1 and float(array.min()) <= -500 and float(np.percentile(array, 99)) < 4000
-    channels = ("CT",) if looks_ct else tuple(f"channel_{c}" for c in range(array.shape[0]))
+    looks_rgb = array.shape[0] == 3 and array.dtype == np.uint8  # 8-bit colour (PNG, TIFF): divided by 255
+    if looks_ct:
+        channels: tuple[str, ...] = ("CT",)
+    elif looks_rgb:
+        channels = ("R", "G", "B")
+    else:
+        channels = tuple(f"channel_{c}" for c in range(array.shape[0]))
     values: set[int] = set()
     for case in cases:
         if case.label is not None:

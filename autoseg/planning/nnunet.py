@@ -396,7 +396,7 @@ _SCHEMES = {
     "ZScoreNormalization": "zscore",
     "NoNormalization": "none",
     "RescaleTo01Normalization": "rescale",
-    "RGBTo01Normalization": "rescale",
+    "RGBTo01Normalization": "rgb",
 }
 _NETWORKS = {"plain": "PlainConvUNet", "residual": "ResidualEncoderUNet"}
 
@@ -429,7 +429,7 @@ def compare_with_nnunet(config: Configuration, theirs: NnunetConfigurationDecisi
     """Fields where ``config`` differs from nnU-Net's decision: name -> (ours, theirs).
 
     Only fields nnU-Net's file sets are compared (an inheriting configuration sets few). Normalisation schemes are
-    compared by meaning (``RGBTo01Normalization`` and ``RescaleTo01Normalization`` are both ``rescale``).
+    compared by meaning (nnU-Net's class names mapped to ours).
     """
     ours = nnunet_view(config)
     out = {}

@@ -71,8 +71,8 @@ class ChannelNormalization:
     """How one input channel is normalised.
 
     ``scheme``: ``ct`` (clip to ``clip`` then subtract ``mean`` and divide by ``std``, dataset statistics of the
-    foreground), ``zscore`` (per image; only inside the non-zero mask when ``use_mask``), ``rescale`` (to [0, 1])
-    or ``none``.
+    foreground), ``zscore`` (per image; only inside the non-zero mask when ``use_mask``), ``rescale`` (per image
+    to [0, 1]), ``rgb`` (8-bit colour divided by 255) or ``none``.
     """
 
     scheme: str

@@ -143,9 +143,10 @@ def channel_normalization(
     """Normalisation per channel from the channel's hint (its name) and the dataset's foreground statistics.
 
     ``ct``: clip to the dataset's foreground 0.5 / 99.5 percentiles, then subtract its foreground mean and divide by
-    its standard deviation. ``zscore``: per image; inside the non-zero mask only when cropping to the non-zero region
-    shrank the median image to less than ``mask_threshold`` of its size (nnU-Net: 3/4), because then the zeros
-    around the object are padding, not signal. ``rescale`` and ``none`` never use the mask.
+    its standard deviation. ``rgb``: divided by 255. ``zscore``: per image; inside the non-zero mask only when
+    cropping to the non-zero region shrank the median image to less than ``mask_threshold`` of its size (nnU-Net:
+    3/4), because then the zeros around the object are padding, not signal. ``rescale``, ``rgb`` and ``none`` never
+    use the mask.
     """
     use_mask = median_relative_size_after_cropping < mask_threshold
     out, notes = [], []
@@ -168,13 +169,13 @@ def channel_normalization(
         elif scheme == "zscore":
             out.append(ChannelNormalization("zscore", use_mask))
             notes.append(f"{c.name}: zscore" + (" inside the non-zero mask" if use_mask else ""))
-        elif scheme in ("rescale", "none"):
+        elif scheme in ("rescale", "rgb", "none"):
             out.append(ChannelNormalization(scheme, False))
             notes.append(f"{c.name}: {scheme}")
         else:
             raise PlanningError(
                 f"fingerprint: channel {c.name!r} has normalization hint {scheme!r}; "
-                "expected one of ct, zscore, rescale, none"
+                "expected one of ct, zscore, rescale, rgb, none"
             )
     crop = (
         f"cropping to the non-zero region kept {median_relative_size_after_cropping:.0%} of the median image "

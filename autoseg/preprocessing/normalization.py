@@ -1,4 +1,4 @@
-"""Intensity normalisation per channel, as the plan says (``ct``, ``zscore``, ``rescale``, ``none``).
+"""Intensity normalisation per channel, as the plan says (``ct``, ``zscore``, ``rescale``, ``rgb``, ``none``).
 
 Every function returns a new float32 array and leaves its input alone. Statistics are accumulated in float64.
 """
@@ -13,9 +13,17 @@ from scipy import ndimage
 from autoseg.errors import PreprocessingError
 from autoseg.planning.plans import ChannelNormalization
 
-__all__ = ["SCHEMES", "nonzero_mask", "normalize_ct", "normalize_zscore", "normalize_rescale", "normalize"]
+__all__ = [
+    "SCHEMES",
+    "nonzero_mask",
+    "normalize_ct",
+    "normalize_zscore",
+    "normalize_rescale",
+    "normalize_rgb",
+    "normalize",
+]
 
-SCHEMES = ("ct", "zscore", "rescale", "none")
+SCHEMES = ("ct", "zscore", "rescale", "rgb", "none")
 _EPS = 1e-8
 
 
@@ -74,6 +82,21 @@ def normalize_rescale(image: np.ndarray) -> np.ndarray:
     return out
 
 
+def normalize_rgb(image: np.ndarray, where: str = "image") -> np.ndarray:
+    """8-bit colour to [0, 1] by dividing by 255: the same scale for every image, so colours stay comparable.
+
+    Values outside 0..255 are an error (such a channel is not 8-bit colour; its name should not say R, G or B).
+    """
+    out = np.array(image, dtype=np.float32, copy=True)
+    if out.size and (out.min() < 0 or out.max() > 255):
+        raise PreprocessingError(
+            f"{where}: scheme 'rgb' expects 8-bit values 0..255, found {out.min():g}..{out.max():g}; "
+            "rename the channel in dataset.json (e.g. 'rescale_to_0_1', or a stain name for zscore) and plan again"
+        )
+    out /= np.float32(255)
+    return out
+
+
 def _normalize_channel(
     channel: np.ndarray, scheme: ChannelNormalization, mask: np.ndarray | None, where: str
 ) -> np.ndarray:
@@ -88,6 +111,8 @@ def _normalize_channel(
         return normalize_zscore(channel, mask if scheme.use_mask else None)
     if scheme.scheme == "rescale":
         return normalize_rescale(channel)
+    if scheme.scheme == "rgb":
+        return normalize_rgb(channel, where)
     if scheme.scheme == "none":
         return np.array(channel, dtype=np.float32, copy=True)
     raise PreprocessingError(f"{where}: unknown normalisation scheme {scheme.scheme!r}; valid: {list(SCHEMES)}")

@@ -139,3 +139,25 @@ def test_real_dicom_series_as_pair(tmp_path):
     assert spec.cases[0].id == "ct" and spec.file_ending == ".nii.gz"
     image, label, geo = load_case(spec, spec.cases[0])
     assert label.shape == (20, 512, 512) and geo.direction_xyz[4] == 1.0
+
+
+def test_plain_folder_of_colour_pngs_is_rgb_and_planned_as_such(tmp_path):
+    from autoseg.fingerprint import extract_fingerprint
+    from autoseg.planning.planner import make_plans
+
+    rng = np.random.default_rng(0)
+    for cid in ("a", "b", "c"):
+        label = np.zeros((24, 28), np.uint8)
+        label[5:15, 6:20] = 1
+        rgb = rng.integers(0, 120, (24, 28, 3)).astype(np.uint8)
+        rgb[label == 1] += 100
+        (tmp_path / "images").mkdir(exist_ok=True)
+        (tmp_path / "labels").mkdir(exist_ok=True)
+        sitk.WriteImage(sitk.GetImageFromArray(rgb, isVector=True), str(tmp_path / "images" / f"{cid}.png"))
+        sitk.WriteImage(sitk.GetImageFromArray(label), str(tmp_path / "labels" / f"{cid}.png"))
+    spec = discover(tmp_path)
+    assert spec.channels == ("R", "G", "B")
+    fp = extract_fingerprint(tmp_path, tmp_path / "run" / "fingerprint.json", workers=1)
+    assert [c.normalization_hint for c in fp.channels] == ["rgb"] * 3
+    plans = make_plans(fp, device="cpu", check_speed=False, cpu_flops=5e7)
+    assert [n.scheme for n in plans.configurations["2d"].normalization] == ["rgb"] * 3

@@ -98,3 +98,20 @@ def test_unknown_scheme_lists_the_valid_ones() -> None:
 def test_channel_count_must_match_the_plan() -> None:
     with pytest.raises(PreprocessingError, match="2 channel"):
         normalize(np.ones((2, 2, 3, 4), np.float32), (ChannelNormalization("none"),))
+
+
+def test_rgb_divides_by_255_and_rejects_values_that_are_not_8_bit() -> None:
+    from autoseg.errors import PreprocessingError
+    from autoseg.fingerprint import normalization_hint
+    from autoseg.preprocessing.normalization import normalize_rgb
+
+    image = np.array([[[0, 51, 255]]], dtype=np.uint8)
+    assert np.allclose(normalize_rgb(image), [[[0.0, 0.2, 1.0]]])  # not stretched per image: colours comparable
+    with pytest.raises(PreprocessingError, match="case_7.*0..255"):
+        normalize_rgb(np.array([[[-3.0, 300.0]]]), "case_7")
+    assert [normalization_hint(n) for n in ("R", "green", "rgb_to_0_1", "rescale_to_0_1")] == [
+        "rgb",
+        "rgb",
+        "rgb",
+        "rescale",
+    ]
