@@ -264,6 +264,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     )
     if selection is not None:
         _print_selection(selection)
+    else:
+        print(f"trained; predict with: autoseg predict -m {args.output} -i IMAGES -o OUT")
     return 0
 
 
@@ -336,7 +338,8 @@ def build_parser() -> argparse.ArgumentParser:
         "-f",
         "--fold",
         default="cv",
-        help="fold number(s) 0,1,..., 'all' (train on every case) or 'cv' (every cross-validation fold, default)",
+        help="fold number(s) 0,1,..., 'all' (train on every case) or 'cv' (default: every cross-validation fold, "
+        "or 'all' when the plan has no cross-validation)",
     )
     p.add_argument("--devices", default=None, help="GPUs to use, e.g. 0,1 (default: all visible; cpu without)")
     p.add_argument("--device", default="auto", help="device of an in-process job (auto, cpu, cuda)")

@@ -38,10 +38,13 @@ def run_example(
         make_dataset(data, "ct3d", cases, test_cases=test_cases, seed=0)
     print(f"[{time.perf_counter() - start:6.0f} s] synthetic CT dataset: {data} ({cases} training, {test_cases} test)")
     selection = run_pipeline(data, out / "run", device=device, time_budget_hours=time_budget_hours, n_folds=n_folds)
-    print(
-        f"[{time.perf_counter() - start:6.0f} s] trained and selected: {selection.best} "
-        f"(cross-validation Dice {selection.candidates[selection.best]:.3f})"
-    )
+    if selection is None:  # the budget allowed one model on all cases only
+        print(f"[{time.perf_counter() - start:6.0f} s] trained one model on all cases (no cross-validation)")
+    else:
+        print(
+            f"[{time.perf_counter() - start:6.0f} s] trained and selected: {selection.best} "
+            f"(cross-validation Dice {selection.candidates[selection.best]:.3f})"
+        )
     predict_path(out / "run", data / "imagesTs", out / "predictions", device=device)
     summary = evaluate_folders(out / "predictions", data / "labelsTs", workers=1)
     names = {str(v): k for k, v in KINDS["ct3d"].labels.items()}

@@ -11,7 +11,7 @@ import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from autoseg.errors import TrainingError
+from autoseg.errors import ConfigError, TrainingError
 from autoseg.fingerprint import extract_fingerprint
 from autoseg.planning.planner import plan_run
 from autoseg.planning.plans import Plans, load_plans
@@ -46,7 +46,10 @@ def train_jobs(
     names = list(configs or plans.configurations)
     cases = list_cases(preprocessed_folder(run_dir, names[0]))
     splits = load_or_make_splits(run_dir, cases)
-    fold_list = [str(f) for f in range(splits.n_folds)] if folds in ("cv", ["cv"]) else [str(f) for f in folds]
+    if folds in ("cv", ["cv"]):  # the plan's folds: every cross-validation fold, or one model on all cases
+        fold_list = [str(f) for f in range(splits.n_folds)] if plans.cross_validation else ["all"]
+    else:
+        fold_list = [str(f) for f in folds]
     jobs = [
         Job(c, f, plans.configurations[c].training.gpus_per_job)
         for c in names
@@ -119,6 +122,12 @@ def run_pipeline(
         )
     plans = load_plans(run_dir)
     names = [c for c in (configs or plans.configurations) if c != "3d_cascade_fullres"]
+    missing = [c for c in names if c not in plans.configurations]
+    if missing:
+        raise ConfigError(
+            f"--configs {missing}: not in {run_dir / 'plans.json'} (planned: {list(plans.configurations)}; a small "
+            "--time-budget plans one configuration)"
+        )
     preprocess(
         run_dir,
         configurations=names,
@@ -136,6 +145,9 @@ def run_pipeline(
         search(run_dir, trials=search_trials or None, time_budget_hours=search_hours, config=only, device=device)
         plans = load_plans(run_dir)
     train_jobs(run_dir, plans, names, folds, devices=devices, options=TrainOptions(device=device))
+    if not plans.cross_validation and folds in ("cv", ["cv"]):
+        log.warning("the plan trains one model on all cases (small time budget): no cross-validation to select from")
+        return None
     if folds not in ("cv", ["cv"]):
         log.info("only folds %s trained: selection needs all cross-validation folds; skipped", list(folds))
         return None

@@ -126,3 +126,21 @@ def test_predictions_have_the_exact_geometry_of_real_scans(trained, tmp_path, so
     np.testing.assert_allclose(got.direction_xyz, expected.direction_xyz, atol=1e-6)
     if source == "dicom":
         assert written[0].name == "example_ct_dicom.nii.gz"
+
+
+def test_a_budget_for_one_model_trains_it_on_all_cases(tmp_path):
+    data = make_dataset(tmp_path / "data", "ct3d", cases=4, test_cases=1, seed=6)
+    run = tmp_path / "run"
+    record_dataset(run, data)
+    fp = extract_fingerprint(data, run / "fingerprint.json", workers=1)
+    plans = make_plans(fp, device="cpu", check_speed=False, cpu_flops=5e7, time_budget_hours=0.001, overrides=TINY)
+    assert not plans.cross_validation and list(plans.configurations) == ["3d_fullres"]
+    plans.save(run / "plans.json")
+    assert run_pipeline(data, run, device="cpu", workers=1) is None  # nothing to select from
+    assert (run / "models" / "3d_fullres" / "fold_all" / "checkpoint_final.pt").is_file()
+    assert not (run / "models" / "3d_fullres" / "fold_0").exists()
+    written = predict_path(run, data / "imagesTs", tmp_path / "pred", device="cpu")
+    assert (
+        len(written) == 1
+        and read_header(written[0]).shape_zyx == read_header(next((data / "imagesTs").iterdir())).shape_zyx
+    )

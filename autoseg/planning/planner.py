@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 PRESETS = ("default", "nnunet", "nnunet-resenc-m", "nnunet-resenc-l")
 #: Without --time-budget, a CPU plan gives each (configuration, fold) job this many hours.
 CPU_HOURS_PER_JOB = 0.25
+#: Fewer training iterations than this per job and a time budget is spent on fewer jobs (see ``_fit_time``).
+MIN_JOB_ITERATIONS = 250
 #: Assumed training throughput of a GPU that is not present (bf16, U-Net convolutions): 30 TFLOP/s.
 ASSUMED_GPU_FLOPS = 30e12
 
@@ -188,7 +190,7 @@ def make_plans(
         n: measured[n][0] if n in measured else budget.seconds(c.network, c.patch_size, c.batch_size)
         for n, c in configs.items()
     }
-    configs = _fit_time(configs, seconds, budget, time_budget_hours, n_folds, why)
+    configs, cross_validation = _fit_time(configs, seconds, budget, time_budget_hours, n_folds, why)
     plans = Plans(
         dataset_name=fp.dataset_name,
         planner="autoseg-default",
@@ -205,6 +207,7 @@ def make_plans(
         ignore_label=fp.ignore_label,
         file_ending=fp.file_ending,
         time_budget_hours=time_budget_hours,
+        cross_validation=cross_validation,
         why=tuple(why),
         autoseg_version=_version(),
     )
@@ -218,22 +221,59 @@ def _fit_time(
     hours: float | None,
     n_folds: int,
     why: list[str],
-) -> dict[str, Configuration]:
-    """Set every configuration's epochs so that all (configuration, fold) jobs fit the time budget."""
+) -> tuple[dict[str, Configuration], bool]:
+    """Set every configuration's epochs so that all (configuration, fold) jobs fit the time budget.
+
+    A budget too small for every job to train ``MIN_JOB_ITERATIONS`` is spent on fewer jobs: first on the primary
+    configuration alone (:func:`primary_configuration`), then on one model trained on all cases instead of a
+    cross-validation (returned False: there is nothing to select from, and the model gets n_folds times the
+    training). Returns the configurations and whether the plan cross-validates.
+    """
     n_jobs = len(configs) * n_folds
     if hours is None and budget.is_cpu:
         hours = CPU_HOURS_PER_JOB * n_jobs
         why.append(f"no --time-budget: {CPU_HOURS_PER_JOB:g} h per training job on a CPU ({hours:g} h in all)")
     if hours is None:
-        return configs
+        return configs, True
+
+    def iterations(names: Sequence[str], jobs: int) -> int:
+        return min(
+            _epochs(configs[n], seconds[n], hours, jobs)[0] * configs[n].training.iterations_per_epoch for n in names
+        )
+
+    cross_validation = True
+    if len(configs) > 1 and iterations(list(configs), n_jobs) < MIN_JOB_ITERATIONS:
+        keep = primary_configuration(configs)
+        why.append(
+            f"time budget {hours:g} h: {len(configs)} configurations x {n_folds} folds would train fewer than "
+            f"{MIN_JOB_ITERATIONS} iterations each; only {keep} is planned (a larger --time-budget plans all)"
+        )
+        configs, n_jobs = {keep: configs[keep]}, n_folds
+    if n_folds > 1 and iterations(list(configs), n_jobs) < MIN_JOB_ITERATIONS:
+        why.append(
+            f"time budget {hours:g} h: {n_folds} cross-validation folds would train fewer than {MIN_JOB_ITERATIONS} "
+            "iterations each; one model is trained on all cases instead (no cross-validation, no selection; "
+            "a larger --time-budget cross-validates)"
+        )
+        cross_validation, n_jobs = False, 1
     out = {}
     for name, c in configs.items():
-        t = c.training
-        epochs, reason = default.epochs_for_budget(
-            seconds[name], hours, n_jobs, iterations=t.iterations_per_epoch, val_iterations=t.val_iterations
-        )
-        out[name] = dataclasses.replace(c, training=dataclasses.replace(t, epochs=epochs)).with_reason(reason)
-    return out
+        epochs, reason = _epochs(c, seconds[name], hours, n_jobs)
+        out[name] = dataclasses.replace(c, training=dataclasses.replace(c.training, epochs=epochs)).with_reason(reason)
+    return out, cross_validation
+
+
+def _epochs(c: Configuration, seconds: float, hours: float, n_jobs: int) -> tuple[int, str]:
+    t = c.training
+    return default.epochs_for_budget(
+        seconds, hours, n_jobs, iterations=t.iterations_per_epoch, val_iterations=t.val_iterations
+    )
+
+
+def primary_configuration(configs: dict[str, Configuration]) -> str:
+    """The configuration a small budget goes to: 3D at full resolution when planned (nnU-Net's most frequent
+    winner), else 2D, else the first."""
+    return next((n for n in ("3d_fullres", "2d") if n in configs), next(iter(configs)))
 
 
 def plan_run(run_dir: Path | str, **kwargs) -> Plans:

@@ -211,6 +211,8 @@ class Plans:
     ignore_label: int | None = None
     file_ending: str = ".nii.gz"
     time_budget_hours: float | None = None
+    #: False when the time budget only allows one model trained on all cases (fold ``all``), no cross-validation.
+    cross_validation: bool = True
     why: tuple[str, ...] = ()
     search: dict[str, Any] | None = None
     autoseg_version: str = ""

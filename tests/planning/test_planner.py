@@ -89,11 +89,34 @@ def test_tiny_class_gets_topk_and_more_oversampling(tmp_path):
 
 def test_time_budget_sets_epochs():
     fp = FINGERPRINTS["Dataset004_Hippocampus"]
-    short = make_plans(fp, device="cpu", check_speed=False, cpu_flops=25e9, time_budget_hours=0.5)
-    long = make_plans(fp, device="cpu", check_speed=False, cpu_flops=25e9, time_budget_hours=5)
+    short = make_plans(fp, device="cpu", check_speed=False, cpu_flops=25e9, time_budget_hours=2)
+    long = make_plans(fp, device="cpu", check_speed=False, cpu_flops=25e9, time_budget_hours=20)
     for key in short.configurations:
         assert long.configurations[key].training.epochs > short.configurations[key].training.epochs
         assert any("time budget" in w for w in short.configurations[key].why)
+
+
+def test_small_budgets_go_to_fewer_jobs():
+    """Less budget: all configurations x folds, then the primary configuration alone, then one model on all cases."""
+    from autoseg.planning.planner import MIN_JOB_ITERATIONS
+
+    fp = FINGERPRINTS["Dataset004_Hippocampus"]
+    seen = []
+    for hours in (20, 2, 1.5, 1.2, 1, 0.8, 0.6, 0.5, 0.2, 0.05, 0.01):
+        plans = make_plans(fp, device="cpu", check_speed=False, cpu_flops=25e9, time_budget_hours=hours)
+        jobs = len(plans.configurations) * (5 if plans.cross_validation else 1)
+        iterations = min(c.training.epochs * c.training.iterations_per_epoch for c in plans.configurations.values())
+        seen.append((len(plans.configurations), plans.cross_validation))
+        if jobs > 1:  # more than one job only when each trains enough
+            assert iterations >= MIN_JOB_ITERATIONS, (hours, jobs, iterations)
+        if len(plans.configurations) == 1:
+            assert "3d_fullres" in plans.configurations
+            assert any("only 3d_fullres is planned" in w for w in plans.why)
+        if not plans.cross_validation:
+            assert any("one model is trained on all cases" in w for w in plans.why)
+    assert seen[0][0] >= 2 and seen[0][1] and seen[-1] == (1, False)
+    assert seen == sorted(seen, reverse=True)  # monotone: never more jobs for less time
+    assert (1, True) in seen
 
 
 def test_presets_and_overrides():
