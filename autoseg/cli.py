@@ -207,7 +207,11 @@ def _print_selection(selection) -> None:
 def _cmd_select(args: argparse.Namespace) -> int:
     from autoseg.inference.select import select
 
-    _print_selection(select(args.run, configurations=args.configs))
+    selection = select(args.run, configurations=args.configs)
+    if selection is None:
+        print("the plan trains one model on all cases (small time budget): nothing to select; predict uses it")
+    else:
+        _print_selection(selection)
     return 0
 
 

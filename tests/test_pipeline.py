@@ -139,6 +139,7 @@ def test_a_budget_for_one_model_trains_it_on_all_cases(tmp_path):
     assert run_pipeline(data, run, device="cpu", workers=1) is None  # nothing to select from
     assert (run / "models" / "3d_fullres" / "fold_all" / "checkpoint_final.pt").is_file()
     assert not (run / "models" / "3d_fullres" / "fold_0").exists()
+    assert main(["select", str(run)]) == 0 and not (run / "selection.json").exists()
     written = predict_path(run, data / "imagesTs", tmp_path / "pred", device="cpu")
     assert (
         len(written) == 1

@@ -155,10 +155,16 @@ def _choose_postprocessing(
     return result, {"before": before, "after": float(np.mean(current))}
 
 
-def select(run_dir: Path | str, *, configurations: list[str] | None = None) -> Selection:
-    """Evaluate every trained configuration and their ensembles on cross-validation; write ``selection.json``."""
+def select(run_dir: Path | str, *, configurations: list[str] | None = None) -> Selection | None:
+    """Evaluate every trained configuration and their ensembles on cross-validation; write ``selection.json``.
+
+    None when the plan trains one model on all cases (``plans.cross_validation`` false): nothing to select from.
+    """
     run_dir = Path(run_dir)
     plans = load_plans(run_dir)
+    if not plans.cross_validation:
+        log.warning("%s: the plan trains one model on all cases (no cross-validation): nothing to select", run_dir)
+        return None
     spec = run_dataset(run_dir)
     splits = load_splits(run_dir / "splits.json")
     case_ids = list(splits.case_ids)
@@ -173,7 +179,7 @@ def select(run_dir: Path | str, *, configurations: list[str] | None = None) -> S
     if not members:
         raise InferenceError(
             f"{run_dir}: no configuration has cross-validation predictions for all "
-            f"{splits.n_folds} folds; train all folds first (`autoseg train {run_dir} -f all`... )"
+            f"{splits.n_folds} folds; train them first (`autoseg train {run_dir} -f cv`)"
         )
     candidates: dict[tuple[str, ...], dict[str, Path]] = {(c,): f for c, f in members.items()}
     for r in range(2, len(members) + 1):
