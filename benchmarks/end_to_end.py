@@ -9,7 +9,8 @@ one core and see the same background load. Each tool plans with its own planner 
 
 - autoseg: ``fingerprint``, ``plan --device cpu --time-budget MINUTES/60`` (planned under the same pinning, so its
   step measurement sees one core; the plan sizes the network and sets epochs so that every configuration x 5
-  folds fits), ``preprocess``, ``train`` (all configurations x folds), ``select``, ``predict``.
+  folds fits, or, when the budget is too small for that, fewer jobs: see README "Planning"), ``preprocess``,
+  ``train`` (what the plan asks for), ``select``, ``predict``.
 - nnU-Net: ``nnUNetv2_plan_and_preprocess -c 3d_fullres``, a probe run that measures its iteration time, then
   ``nnUNetv2_train 3d_fullres all`` with its default trainer whose epochs x iterations fit the budget (see
   ``_nnunet_e2e.py``), then prediction with its defaults (mirroring on).
