@@ -141,8 +141,8 @@ def run_pipeline(
     if search_trials or search_hours:
         from autoseg.search import search
 
-        only = names[0] if len(names) == 1 else None  # several: the search chooses among all trainable ones
-        search(run_dir, trials=search_trials or None, time_budget_hours=search_hours, config=only, device=device)
+        # only what was preprocessed competes; one name fixes the configuration, several are searched over
+        search(run_dir, trials=search_trials or None, time_budget_hours=search_hours, config=names, device=device)
         plans = load_plans(run_dir)
     train_jobs(run_dir, plans, names, folds, devices=devices, options=TrainOptions(device=device))
     if not plans.cross_validation and folds in ("cv", ["cv"]):

@@ -203,13 +203,17 @@ def default_budget_epochs(rule_epochs: int) -> int:
     return min(rule_epochs, max(3, int(round(rule_epochs / 4))))
 
 
-def _configs(plans: Plans, config: str | None) -> tuple[str, ...]:
+def _configs(plans: Plans, config: str | Sequence[str] | None) -> tuple[str, ...]:
     names = trainable_configurations(plans)
     if config is None:
         return names
-    if config not in names:
-        raise ConfigError(f"--config {config!r}: not a trainable configuration of the plan; choose one of {names}")
-    return (config,)
+    wanted = (config,) if isinstance(config, str) else tuple(config)
+    for name in wanted:
+        if name not in names:
+            raise ConfigError(f"--config {name!r}: not a trainable configuration of the plan; choose one of {names}")
+    if not wanted:
+        raise ConfigError(f"search: no configuration to search; choose among {names}")
+    return wanted
 
 
 def _check_data(run_dir: Path, plans: Plans, configs: Sequence[str], fold: int) -> None:
@@ -247,7 +251,7 @@ def search(
     time_budget_hours: float | None = None,
     storage: str | None = None,
     study_name: str | None = None,
-    config: str | None = None,
+    config: str | Sequence[str] | None = None,
     seed: int = 0,
     fold: int = 0,
     budget_epochs: int | None = None,
@@ -260,7 +264,8 @@ def search(
 ) -> SearchResult:
     """Search until the study has ``trials`` finished trials, or for ``time_budget_hours``; write the best back.
 
-    ``config`` restricts the search to one configuration (default: the configuration is searched too).
+    ``config`` restricts the search to one configuration, or to several among which it chooses (default: all the
+    plan's trainable configurations compete).
     ``budget_epochs``: epochs of a trial of the first configuration at the rule's training length (default: a
     quarter of the plan's, at least 3); other configurations get the same share of their planned epochs.
     ``storage``: a database URL shared by several workers, or a journal file (default ``RUN/search/journal.log``).

@@ -26,6 +26,7 @@ import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -179,9 +180,27 @@ def _sum_over_ranks(counts: Tensor) -> Tensor:
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return counts
-    from torch.distributed.nn.functional import all_reduce
+    return _AllReduceSum.apply(counts)
 
-    return all_reduce(counts)
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over ranks whose backward pass is the same sum of the gradients (torch's own one is deprecated)."""
+
+    @staticmethod
+    def forward(ctx: Any, tensor: Tensor) -> Tensor:
+        import torch.distributed as dist
+
+        out = tensor.detach().clone()
+        dist.all_reduce(out)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        import torch.distributed as dist
+
+        out = grad.detach().clone().contiguous()
+        dist.all_reduce(out)
+        return out
 
 
 def cross_entropy(x: LossInputs) -> Tensor:

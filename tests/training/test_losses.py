@@ -289,8 +289,12 @@ def test_losses_are_non_negative_and_dice_at_most_one(
 
 
 def _batch_dice_rank(rank: int, world: int, init: str, logits: torch.Tensor, labels: torch.Tensor, out: str) -> None:
+    import os
+
     import torch.distributed as dist
 
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback only: no dependence on the host's network setup
+    torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     try:
         share = slice(rank * len(logits) // world, (rank + 1) * len(logits) // world)
@@ -315,6 +319,7 @@ def test_batch_dice_under_data_parallelism_is_the_whole_batchs(tmp_path):
     mp.spawn(_batch_dice_rank, args=(2, init, logits, labels, str(tmp_path / "rank")), nprocs=2)
     ranks = [torch.load(tmp_path / f"rank.{r}") for r in range(2)]
     for r, got in enumerate(ranks):
-        assert got["value"].item() == pytest.approx(expected.item(), abs=1e-6)
+        assert got["value"].item() == pytest.approx(expected.item(), rel=1e-5)
         # the backward pass sums over ranks and DDP averages parameter gradients: rank gradient / 2 = whole's share
-        assert torch.allclose(got["grad"] / 2, whole.grad[2 * r : 2 * r + 2], atol=1e-7)
+        share = whole.grad[2 * r : 2 * r + 2]
+        torch.testing.assert_close(got["grad"] / 2, share, rtol=1e-4, atol=1e-4 * share.abs().max().item())
