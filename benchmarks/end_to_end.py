@@ -271,8 +271,9 @@ def main() -> None:
             "data_loader_processes": 0,
             "nnunet": "3d_fullres, fold all, nnUNetTrainer with epochs x iterations fitted to the budget "
             "(nnUNetTrainerE2EBudget), prediction with mirroring, step 0.5",
-            "autoseg": "default planner (--device cpu --time-budget), every configuration x 5 folds, select, "
-            "prediction with the selection and mirroring",
+            "autoseg": "default planner (--device cpu --time-budget), train what the plan asks for (every "
+            "configuration x 5 folds, or fewer jobs for a small budget), select when it cross-validates, prediction "
+            "with mirroring",
         },
         "rows": rows,
         "scores": scores,
