@@ -161,6 +161,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
             save_probabilities=args.save_probabilities,
             uncertainty=args.uncertainty,
             skip_existing=args.continue_,
+            checkpoint=args.checkpoint,
+            precision=args.precision,
             progress=progress,
         )
     print(f"wrote {len(written)} prediction(s) to {args.output}")
@@ -374,6 +376,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["final", "best", "latest"],
         default="final",
         help="which checkpoint of each fold (default: final)",
+    )
+    p.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "fp16", "bf16"],
+        default="auto",
+        help="forward-pass precision; auto (default): fp16 on a GPU, bf16 on a CPU with native bf16 (AVX512-BF16/AMX), "
+        "else fp32",
     )
 
     p = add("evaluate", _cmd_evaluate, "metrics of predicted label files against reference label files")

@@ -12,8 +12,9 @@ by ``_measure.run_measured`` (wall time, peak RSS of the process tree):
 
 - ``nnUNetv2_predict -device cpu -step_size 0.5`` with its default mirroring (8 flips) and with ``--disable_tta``
   (its default 3 preprocessing + 3 export processes; perform_everything_on_device is off on CPU);
-- ``autoseg predict --device cpu`` with ``--mirror all`` (8 flips), ``--no-tta`` and, as an extra row,
-  ``--mirror single`` (no flip + one flip per axis, 4 passes).
+- ``autoseg predict --device cpu --precision fp32`` with ``--mirror all`` (8 flips), ``--no-tta`` and, as an extra
+  row, ``--mirror single`` (no flip + one flip per axis, 4 passes); and ``--mirror all --precision bf16``, what
+  ``--precision auto`` (the default) chooses on a CPU with native bfloat16 arithmetic (AVX512-BF16 or AMX).
 
 Per-case time is the process wall time divided by the number of cases (process start-up included). ``--fov wide``
 tiles each test image 2 x 2 in-plane (a wider field of view, more sliding-window tiles). Writes
@@ -38,10 +39,11 @@ from _measure import NNUNET_PYTHON, print_table, run_measured, write_results  # 
 from train_step import DATASET, NETWORKS, WORK, _autoseg, _run, nnunet_arch, nnunet_env, prepare  # noqa: E402
 
 MODES = {  # name -> (autoseg predict flags, nnUNetv2_predict flags); None: that tool has no such row
-    "mirror_all": (["--mirror", "all"], []),
-    "no_mirroring": (["--no-tta"], ["--disable_tta"]),
-    "mirror_single": (["--mirror", "single"], None),
+    "mirror_all": (["--mirror", "all", "--precision", "fp32"], []),
+    "no_mirroring": (["--no-tta", "--precision", "fp32"], ["--disable_tta"]),
+    "mirror_single": (["--mirror", "single", "--precision", "fp32"], None),
     "mirror_all_sequential": (None, ["-npp", "0", "-nps", "0"]),
+    "mirror_all_bf16": (["--mirror", "all", "--precision", "bf16"], None),
 }
 # (autoseg mode, nnU-Net mode): the comparisons reported
 PAIRS = [
@@ -49,7 +51,11 @@ PAIRS = [
     ("no_mirroring", "no_mirroring"),
     ("mirror_single", "mirror_all"),
     ("mirror_all", "mirror_all_sequential"),
+    ("mirror_all_bf16", "mirror_all"),
+    ("mirror_all_bf16", "mirror_all_sequential"),
 ]
+# autoseg mode -> the nnU-Net mode its label maps are compared with
+AGREEMENT = {"mirror_all": "mirror_all", "no_mirroring": "no_mirroring", "mirror_all_bf16": "mirror_all"}
 NNUNET_CONFIG = {"nnunet_3d_fullres": "3d_fullres", "autoseg_cpu": "3d_cpu"}
 
 
@@ -162,7 +168,7 @@ def _commands(work: Path, name: str, run: Path, inputs: Path, mode: str) -> dict
     return cmds
 
 
-def _agreement(work: Path, name: str, mode: str, inputs: Path) -> dict:
+def _agreement(work: Path, name: str, mode: str, nnunet_mode: str, inputs: Path) -> dict:
     """Dice per foreground label between the two tools' label files (same weights: should be close to 1)."""
     from autoseg.data.io import read_label
 
@@ -170,7 +176,7 @@ def _agreement(work: Path, name: str, mode: str, inputs: Path) -> dict:
     for path in sorted(inputs.glob("*_0000.nii.gz")):
         case = path.name[: -len("_0000.nii.gz")]
         a, _ = read_label(work / "pred" / f"{name}_{mode}_autoseg" / f"{case}.nii.gz")
-        b, _ = read_label(work / "pred" / f"{name}_{mode}_nnunet" / f"{case}.nii.gz")
+        b, _ = read_label(work / "pred" / f"{name}_{nnunet_mode}_nnunet" / f"{case}.nii.gz")
         equal.append(float((a == b).mean()))
         for label in range(1, 4):
             total = (a == label).sum() + (b == label).sum()
@@ -210,9 +216,9 @@ def main() -> None:
                     m = run_measured(cmd, env=env)
                     runs.append({"network": name, "mode": mode, "tool": tool, "repeat": rep, **m})
                     print(f"  {name} {mode} {tool} rep {rep}: {m['wall_s']} s, {m['peak_rss_mib']} MiB", flush=True)
-        for mode in args.modes:
-            if None not in MODES[mode]:
-                networks[name][f"agreement_{mode}"] = _agreement(args.work, name, mode, inputs)
+        for mode, theirs in AGREEMENT.items():
+            if mode in args.modes and theirs in args.modes:
+                networks[name][f"agreement_{mode}"] = _agreement(args.work, name, mode, theirs, inputs)
         _report(*_summarise(runs, args.cases), networks, runs, checks, args)  # after each network
 
 

@@ -107,6 +107,19 @@ def test_predict_keeps_geometry_and_evaluates(trained, tmp_path):
     assert written[0].stat().st_mtime_ns == mtime
 
 
+def test_bf16_prediction_agrees_with_fp32(trained, tmp_path):
+    """The CPU's bf16 forward pass (what --precision auto picks where bf16 is native) gives the fp32 labels."""
+    data, run = trained
+    for precision in ("fp32", "bf16"):
+        args = ["predict", "-m", str(run), "-i", str(data / "imagesTs"), "-o", str(tmp_path / precision)]
+        args += ["--configs", "3d_fullres", "--folds", "0", "--no-tta", "--device", "cpu", "--precision", precision]
+        assert main([*args, "--checkpoint", "latest"]) == 0
+    for path in sorted((tmp_path / "fp32").glob("*.nii.gz")):
+        a, _ = read_label(path)
+        b, _ = read_label(tmp_path / "bf16" / path.name)
+        assert (a == b).mean() > 0.99
+
+
 @pytest.mark.parametrize("source", ["nrrd", "dicom", "mr"])
 def test_predictions_have_the_exact_geometry_of_real_scans(trained, tmp_path, source):
     _, run = trained

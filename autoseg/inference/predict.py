@@ -85,12 +85,19 @@ def predict_path(
     uncertainty: bool = False,
     skip_existing: bool = False,
     checkpoint: str = "final",
+    precision: str = "auto",
     progress: Callable[[int, int], None] | None = None,
 ) -> list[Path]:
     """Predict every case under ``inputs`` into ``out_dir``; returns the label files written."""
     out_dir = Path(out_dir)
     predictor = Predictor(
-        run_dir, configs=configs, folds=folds, device=device, mirror_mode=mirror_mode, checkpoint=checkpoint
+        run_dir,
+        configs=configs,
+        folds=folds,
+        device=device,
+        mirror_mode=mirror_mode,
+        checkpoint=checkpoint,
+        precision=precision,
     )
     cases = collect_inputs(inputs, len(predictor.plans.channels))
     written, scores = [], {}

@@ -27,12 +27,34 @@ from autoseg.preprocessing.preprocess import preprocess_case, revert
 from autoseg.training.checkpoint import load_checkpoint
 from autoseg.training.trainer import fold_dir, resolve_device
 
-__all__ = ["Prediction", "Predictor", "probabilities_to_labels", "trained_folds"]
+__all__ = ["PRECISIONS", "Prediction", "Predictor", "inference_dtype", "probabilities_to_labels", "trained_folds"]
 
 log = logging.getLogger(__name__)
 
 #: Input voxels per forward pass of the sliding window, by device type.
 TILE_VOXELS = {"cpu": 2**20, "cuda": 2**22}
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 in hardware (AVX512-BF16 or AMX), where bf16 convolutions are ~2x fp32."""
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(check is not None and check() for check in checks)
+
+
+def inference_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of the network's forward pass (None: float32).
+
+    ``auto``: float16 on a GPU (as training's mixed precision), bfloat16 on a CPU with native bf16 arithmetic,
+    else float32. Logits are accumulated in float32 whatever the forward precision.
+    """
+    if precision not in PRECISIONS:
+        raise InferenceError(f"precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        if device.type == "cuda":
+            return torch.float16
+        return torch.bfloat16 if device.type == "cpu" and cpu_has_native_bf16() else None
+    return {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
 
 
 @dataclass
@@ -86,6 +108,7 @@ class Predictor:
     folds : folds to ensemble (default: every fold with a final checkpoint).
     mirror_mode : ``all`` (every flip combination), ``single`` (one flip per axis), ``none``, or ``auto``: ``all`` on
         a GPU, ``single`` on a CPU, where every pass is expensive (k + 1 instead of 2^k passes in 3D: 4 vs 8).
+    precision : forward-pass precision, see :func:`inference_dtype`.
     """
 
     def __init__(
@@ -101,6 +124,7 @@ class Predictor:
         tile_batch: int | None = None,
         postprocessing: PostprocessingSpec | None = None,
         plans: Plans | None = None,
+        precision: str = "auto",
     ):
         self.run_dir = Path(run_dir)
         self.plans = plans or load_plans(self.run_dir)
@@ -108,6 +132,7 @@ class Predictor:
         if mirror_mode == "auto":
             mirror_mode = "all" if self.device.type == "cuda" else "single"
         self.mirror_mode, self.step = mirror_mode, step
+        self.autocast = inference_dtype(precision, self.device)
         selection = self.run_dir / "selection.json"
         if configs is None and selection.is_file():
             chosen = json.loads(selection.read_text())
@@ -133,7 +158,15 @@ class Predictor:
             self.members[config] = [self._load(config, f, checkpoint) for f in use]
         self.tile_batch = tile_batch
         n = sum(len(m) for m in self.members.values())
-        log.info("predictor: %s, %d model(s) on %s, mirroring %s", ", ".join(self.members), n, self.device, mirror_mode)
+        dtype = str(self.autocast or torch.float32).removeprefix("torch.")
+        log.info(
+            "predictor: %s, %d model(s) on %s, mirroring %s, %s",
+            ", ".join(self.members),
+            n,
+            self.device,
+            mirror_mode,
+            dtype,
+        )
 
     def _load(self, config: str, fold: str, checkpoint: str) -> torch.nn.Module:
         path = fold_dir(self.run_dir, config, fold) / f"checkpoint_{checkpoint}.pt"
@@ -148,7 +181,7 @@ class Predictor:
     def _config_probabilities(self, config: str, data: np.ndarray, members) -> tuple[np.ndarray, list[np.ndarray]]:
         """Mean probabilities (K, *spatial) of the members in the preprocessed space, and each member's arg-max."""
         c = self.plans.configurations[config]
-        amp = torch.float16 if self.device.type == "cuda" else None
+        amp = self.autocast
         # tiles per forward pass: about TILE_VOXELS input voxels (small patches are batched many at a time)
         tiles = self.tile_batch or max(1, min(256, TILE_VOXELS[self.device.type] // int(np.prod(c.patch_size))))
         axes = tuple(c.augmentation.mirror_axes)
