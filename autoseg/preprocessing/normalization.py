@@ -33,16 +33,7 @@ def nonzero_mask(image: np.ndarray) -> np.ndarray:
     A hole is a zero region that does not touch the border of the array (face connectivity), e.g. dark
     structures inside a skull-stripped brain: they belong to the object and are normalised with it.
     """
-    mask = np.any(image != 0, axis=0)
-    background, n = ndimage.label(~mask)
-    if n == 0:
-        return mask
-    border = np.zeros(n + 1, bool)
-    for axis in range(mask.ndim):
-        for index in (0, -1):
-            border[np.unique(np.take(background, index, axis=axis))] = True
-    border[0] = True  # label 0 is the mask itself
-    return ~border[background]
+    return ndimage.binary_fill_holes(np.any(image != 0, axis=0))
 
 
 def normalize_ct(image: np.ndarray, clip: tuple[float, float], mean: float, std: float) -> np.ndarray:

@@ -63,6 +63,10 @@ def test_nonzero_mask_fills_enclosed_holes_only() -> None:
     assert mask[3, 5, 6]
     assert not mask[3, 2, 3]
     assert not mask[0, 0, 0]
+    assert np.array_equal(
+        mask,
+        (image[0] != 0) | (np.arange(7)[:, None, None] == 3) & (np.arange(11)[:, None] == 5) & (np.arange(13) == 6),
+    )
 
 
 def test_normalize_uses_one_scheme_per_channel_and_leaves_input_alone() -> None:
@@ -83,6 +87,7 @@ def test_zscore_use_mask_in_normalize_masks_the_zero_background() -> None:
     inside = image[0] != 0
     assert np.all(out[0][~inside] == 0)
     assert abs(float(out[0][inside].mean())) < 1e-4
+    assert float(out[0][inside].std()) == pytest.approx(1.0, rel=1e-4)
 
 
 def test_ct_without_statistics_names_the_field() -> None:

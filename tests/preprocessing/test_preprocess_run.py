@@ -181,3 +181,25 @@ def test_synthetic_ct_round_trip_to_the_input_grid(tmp_path: Path) -> None:
         assert props.geometry == geometry
         assert back.shape == label.shape
         assert np.mean(back == label) > 0.99
+
+
+def test_synthetic_mr_is_z_scored_inside_the_body(tmp_path: Path) -> None:
+    """The planner's MR normalisation (z-score in the non-zero mask) keeps every channel alive (about unit spread)."""
+    from autoseg.fingerprint import extract_fingerprint
+    from autoseg.planning.planner import make_plans
+
+    data = make_dataset(tmp_path / "data", "mr3d", cases=2, test_cases=0, seed=1)
+    run_dir = tmp_path / "run"
+    record_dataset(run_dir, data)
+    fingerprint = extract_fingerprint(data, run_dir / "fingerprint.json", workers=1)
+    plans = make_plans(fingerprint, device="cpu", check_speed=False, cpu_flops=5e7)
+    plans.save(run_dir / "plans.json")
+    schemes = plans.configurations["3d_fullres"].normalization
+    assert [(s.scheme, s.use_mask) for s in schemes] == [("zscore", True)] * 2
+    preprocess(run_dir, configurations=["3d_fullres"], workers=1)
+    for case_id in list_cases(preprocessed_folder(run_dir, "3d_fullres")):
+        image, _, _ = load_case(run_dir, "3d_fullres", case_id)
+        for channel in image:
+            inside = channel != 0
+            assert inside.mean() > 0.2
+            assert 0.6 < float(channel[inside].std()) < 1.4  # unit spread before resampling smooths the noise
