@@ -174,11 +174,14 @@ def _sum_over_ranks(counts: Tensor) -> Tensor:
 
     Each rank then computes the Dice of the whole batch, as one process would; the backward pass sums the
     gradients of the counts over the ranks, and DDP's averaging of parameter gradients makes the result the
-    single-process gradient.
+    single-process gradient. Without gradients (validation, which rank 0 runs alone) the counts stay local: a
+    collective that only one rank enters would pair with another rank's training collectives.
     """
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not torch.is_grad_enabled() or not (dist.is_available() and dist.is_initialized()):
+        return counts
+    if dist.get_world_size() == 1:
         return counts
     return _AllReduceSum.apply(counts)
 

@@ -369,12 +369,13 @@ def _run_epoch(
     if val_recipe is None:  # a non-main DDP rank: rank 0 validates
         return {"epoch": epoch, "train_loss": float(np.mean(losses))}
     network.eval()
+    local = getattr(network, "module", network)  # rank 0 validates alone: the unwrapped network, no collectives
     counts, val_losses = 0, []
     with torch.no_grad(), BatchLoader(source, val_recipe, workers=0, start=epoch * t.val_iterations) as val_batches:
         for _ in range(t.val_iterations):
             data, targets = _to(next(val_batches), device)
             with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                outputs = network(data)
+                outputs = local(data)
             val_losses.append(float(loss_fn(outputs, targets if isinstance(outputs, (list, tuple)) else targets[0])))
             top = outputs[0] if isinstance(outputs, (list, tuple)) else outputs
             counts = counts + _pseudo_dice_counts(top.float(), targets[0], plans)

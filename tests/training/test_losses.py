@@ -301,7 +301,9 @@ def _batch_dice_rank(rank: int, world: int, init: str, logits: torch.Tensor, lab
         mine = logits[share].clone().requires_grad_(True)
         value = build_loss(LossSpec("dice", batch_dice=True), n_outputs=4)(mine, labels[share])
         value.backward()
-        torch.save({"value": value.detach(), "grad": mine.grad}, f"{out}.{rank}")
+        with torch.no_grad():  # validation: rank 0 alone, so no collective
+            local = build_loss(LossSpec("dice", batch_dice=True), n_outputs=4)(logits[share], labels[share])
+        torch.save({"value": value.detach(), "grad": mine.grad, "no_grad": local}, f"{out}.{rank}")
     finally:
         dist.destroy_process_group()
 
@@ -320,6 +322,10 @@ def test_batch_dice_under_data_parallelism_is_the_whole_batchs(tmp_path):
     ranks = [torch.load(tmp_path / f"rank.{r}") for r in range(2)]
     for r, got in enumerate(ranks):
         assert got["value"].item() == pytest.approx(expected.item(), rel=1e-5)
+        share_only = build_loss(LossSpec("dice", batch_dice=True), n_outputs=4)(
+            logits[2 * r : 2 * r + 2], labels[2 * r : 2 * r + 2]
+        )
+        assert got["no_grad"].item() == pytest.approx(share_only.item(), rel=1e-5)
         # the backward pass sums over ranks and DDP averages parameter gradients: rank gradient / 2 = whole's share
         share = whole.grad[2 * r : 2 * r + 2]
         torch.testing.assert_close(got["grad"] / 2, share, rtol=1e-4, atol=1e-4 * share.abs().max().item())
