@@ -77,13 +77,21 @@ def _crop(array: np.ndarray, start: Sequence[int], size: Sequence[int]) -> np.nd
 
 
 def sample_patch(
-    case: CaseData, size: Sequence[int], force_foreground: bool, rng: np.random.Generator
+    case: CaseData,
+    size: Sequence[int],
+    force_foreground: bool,
+    rng: np.random.Generator,
+    final_size: Sequence[int] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Cut one patch of ``size`` (2 or 3 axes) from a 3D case: image (C, *size) and label (1, *size).
 
-    With ``force_foreground``, a class present in the case is drawn uniformly, then one of its stored voxels, and
-    the patch is placed around it (shifted inward at the borders, so the voxel stays inside). Otherwise the patch
-    position is uniform. 2D patches come from one slice (the foreground voxel's slice, or a random one).
+    ``final_size`` is the patch the network gets after augmentation crops the centre of ``size`` (default: ``size``).
+    A patch may reach past the image by half the difference on each side (zero padded), so the final centre crop can
+    touch every border. With ``force_foreground``, a class present in the case is drawn uniformly, then one of its
+    stored voxels, and the patch is centred on it (zero padded where that reaches past the image; nnU-Net does the
+    same on the upper side), so augmentation keeps it in the final crop. Otherwise the patch position is uniform.
+    2D patches come from one slice (the foreground voxel's slice, or a random one). A case smaller than the patch
+    is centred in it.
     """
     image, label = case.image, case.label
     classes = [c for c, locs in case.locations.items() if len(locs)]
@@ -95,12 +103,12 @@ def sample_patch(
         z = int(centre[0]) if centre is not None else int(rng.integers(image.shape[1]))
         image, label = image[:, z], label[z]
         centre = centre[1:] if centre is not None else None
-    shape = label.shape
     start = []
-    for axis, (n, full) in enumerate(zip(size, shape)):
-        lo, hi = min(0, full - n), max(0, full - n)
-        if centre is not None:
-            start.append(int(np.clip(centre[axis] - n // 2, lo, hi)))
+    for axis, (n, final, full) in enumerate(zip(size, final_size or size, label.shape)):
+        need = max(n - final, n - full)  # how far the patch may extend past the image, both sides together
+        lo, hi = -(need // 2), full + need // 2 + need % 2 - n
+        if centre is not None:  # centred on the voxel, so rotation and scaling (about the centre) keep it
+            start.append(int(centre[axis]) - n // 2)
         else:
             start.append(int(rng.integers(lo, hi + 1)))
     return _crop(np.asarray(image), start, size), _crop(np.asarray(label)[None], start, size)
@@ -117,7 +125,7 @@ def make_batch(source: CaseSource, recipe: BatchRecipe, index: int, transforms=N
     for i in range(recipe.batch_size):
         case = source.open(recipe.case_ids[int(rng.integers(len(recipe.case_ids)))])
         size = recipe.sampling_patch_size if recipe.augmentation is not None else recipe.patch_size
-        image, label = sample_patch(case, size, i >= n_random, rng)
+        image, label = sample_patch(case, size, i >= n_random, rng, final_size=recipe.patch_size)
         images.append(image)
         labels.append(label)
     batch = {"data": np.stack(images).astype(np.float32, copy=False), "seg": np.stack(labels)}

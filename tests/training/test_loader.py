@@ -65,6 +65,45 @@ def test_foreground_patch_contains_the_chosen_class():
         assert label.max() > 0
 
 
+def _centre(array: np.ndarray, size) -> np.ndarray:
+    """The centre crop of ``size`` over the last axes, as the spatial transform takes it."""
+    starts = [(n - f) // 2 for n, f in zip(array.shape[-len(size) :], size)]
+    return array[(..., *[slice(s, s + f) for s, f in zip(starts, size)])]
+
+
+def test_final_patches_reach_every_border():
+    """Random patches, after the centre crop to the network patch, cover every voxel index of every axis."""
+    shape, size, final = (12, 30, 30), (8, 16, 16), (4, 8, 8)
+    grids = np.stack(np.meshgrid(*[np.arange(1, n + 1) for n in shape], indexing="ij")).astype(np.float32)
+    case = CaseData(grids, np.zeros(shape, np.int16), {})  # channel a holds index + 1 along axis a; padding is 0
+    rng = np.random.default_rng(0)
+    covered = [set() for _ in shape]
+    for _ in range(300):
+        crop = _centre(sample_patch(case, size, False, rng, final)[0], final)
+        for axis in range(3):
+            covered[axis] |= set(np.unique(crop[axis]).astype(int).tolist()) - {0}
+    assert covered == [set(range(1, n + 1)) for n in shape]
+
+
+def test_forced_foreground_at_an_edge_survives_augmentation():
+    """Every oversampled patch holds the tiny class even where it touches the image border (rotation and scaling,
+    about the centre of the sampled region, keep it in the crop the network gets)."""
+    label = np.zeros((12, 40, 40), np.int16)
+    label[5:7, 0:2, 38:40] = 1  # tiny object in an in-plane corner
+
+    @dataclass(frozen=True)
+    class Edge:
+        def open(self, case_id: str) -> CaseData:
+            return CaseData(label[None].astype(np.float32), label, {1: np.argwhere(label == 1)})
+
+    aug = AugmentationSpec(mirror_axes=(), p_rotation=1.0, p_scale=1.0)
+    recipe = _recipe(aug, batch_size=4, oversample_foreground=1.0, patch=(8, 16, 16))
+    with BatchLoader(Edge(), recipe, workers=0) as batches:
+        for _ in range(5):
+            target = next(batches)["target"][0]
+            assert all((t == 1).any() for t in target)
+
+
 def test_patch_larger_than_image_is_padded():
     image = np.ones((1, 3, 5, 7), np.float32)
     case = CaseData(image, np.zeros((3, 5, 7), np.int16), {})
