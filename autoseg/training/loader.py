@@ -87,9 +87,10 @@ def sample_patch(
 
     ``final_size`` is the patch the network gets after augmentation crops the centre of ``size`` (default: ``size``).
     A patch may reach past the image by half the difference on each side (zero padded), so the final centre crop can
-    touch every border. With ``force_foreground``, a class present in the case is drawn uniformly, then one of its
-    stored voxels, and the patch is centred on it (zero padded where that reaches past the image; nnU-Net does the
-    same on the upper side), so augmentation keeps it in the final crop. Otherwise the patch position is uniform.
+    touch every border but never leaves the image (as sliding-window tiles at inference). With
+    ``force_foreground``, a class present in the case is drawn uniformly, then one of its stored voxels, and the
+    patch is centred on it, moved inward at the borders just enough to keep the final crop inside the image, so the
+    voxel is always in the final crop. Otherwise the patch position is uniform.
     2D patches come from one slice (the foreground voxel's slice, or a random one). A case smaller than the patch
     is centred in it.
     """
@@ -107,8 +108,8 @@ def sample_patch(
     for axis, (n, final, full) in enumerate(zip(size, final_size or size, label.shape)):
         need = max(n - final, n - full)  # how far the patch may extend past the image, both sides together
         lo, hi = -(need // 2), full + need // 2 + need % 2 - n
-        if centre is not None:  # centred on the voxel, so rotation and scaling (about the centre) keep it
-            start.append(int(centre[axis]) - n // 2)
+        if centre is not None:  # centred on the voxel, moved inward at the borders: the final crop stays inside
+            start.append(int(np.clip(centre[axis] - n // 2, lo, hi)))
         else:
             start.append(int(rng.integers(lo, hi + 1)))
     return _crop(np.asarray(image), start, size), _crop(np.asarray(label)[None], start, size)
