@@ -41,7 +41,10 @@ class DistributedContext:
         return torch.nn.parallel.DistributedDataParallel(network, device_ids=ids, find_unused_parameters=True)
 
     def close(self) -> None:
+        """Tear the process group down on every rank together: a rank that exits while rank 0 still validates
+        aborted at exit (gloo threads still joinable), killing the job."""
         if dist.is_initialized():
+            dist.barrier()
             dist.destroy_process_group()
 
 
