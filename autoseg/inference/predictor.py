@@ -181,7 +181,6 @@ class Predictor:
     def _config_probabilities(self, config: str, data: np.ndarray, members) -> tuple[np.ndarray, list[np.ndarray]]:
         """Mean probabilities (K, *spatial) of the members in the preprocessed space, and each member's arg-max."""
         c = self.plans.configurations[config]
-        amp = self.autocast
         # tiles per forward pass: about TILE_VOXELS input voxels (small patches are batched many at a time)
         tiles = self.tile_batch or max(1, min(256, TILE_VOXELS[self.device.type] // int(np.prod(c.patch_size))))
         axes = tuple(c.augmentation.mirror_axes)
@@ -204,7 +203,7 @@ class Predictor:
                             mirror_mode=self.mirror_mode,
                             tile_batch=tiles,
                             device=self.device,
-                            autocast_dtype=amp,
+                            autocast_dtype=self.autocast,
                         )
                         for z in range(data.shape[1])
                     ],
@@ -221,7 +220,7 @@ class Predictor:
                     mirror_mode=self.mirror_mode,
                     tile_batch=tiles,
                     device=self.device,
-                    autocast_dtype=amp,
+                    autocast_dtype=self.autocast,
                 )
             probs = _to_probabilities_(logits, regions=bool(self.plans.regions)).numpy()
             member_labels.append(probabilities_to_labels(probs, self.plans))

@@ -208,11 +208,11 @@ def _configs(plans: Plans, config: str | Sequence[str] | None) -> tuple[str, ...
     if config is None:
         return names
     wanted = (config,) if isinstance(config, str) else tuple(config)
+    if not wanted:
+        raise ConfigError(f"search: no configuration to search; choose among {names}")
     for name in wanted:
         if name not in names:
             raise ConfigError(f"--config {name!r}: not a trainable configuration of the plan; choose one of {names}")
-    if not wanted:
-        raise ConfigError(f"search: no configuration to search; choose among {names}")
     return wanted
 
 

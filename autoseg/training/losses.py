@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -177,13 +178,15 @@ def _sum_over_ranks(counts: Tensor) -> Tensor:
     single-process gradient. Without gradients (validation, which rank 0 runs alone) the counts stay local: a
     collective that only one rank enters would pair with another rank's training collectives.
     """
-    import torch.distributed as dist
-
     if not torch.is_grad_enabled() or not (dist.is_available() and dist.is_initialized()):
         return counts
-    if dist.get_world_size() == 1:
-        return counts
-    return _AllReduceSum.apply(counts)
+    return counts if dist.get_world_size() == 1 else _AllReduceSum.apply(counts)
+
+
+def _summed_copy(tensor: Tensor) -> Tensor:
+    out = tensor.detach().clone().contiguous()
+    dist.all_reduce(out)
+    return out
 
 
 class _AllReduceSum(torch.autograd.Function):
@@ -191,19 +194,11 @@ class _AllReduceSum(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, tensor: Tensor) -> Tensor:
-        import torch.distributed as dist
-
-        out = tensor.detach().clone()
-        dist.all_reduce(out)
-        return out
+        return _summed_copy(tensor)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> Tensor:
-        import torch.distributed as dist
-
-        out = grad.detach().clone().contiguous()
-        dist.all_reduce(out)
-        return out
+        return _summed_copy(grad)
 
 
 def cross_entropy(x: LossInputs) -> Tensor:
