@@ -77,6 +77,8 @@ class ClassFingerprint:
     object_volume_mm3_p10: float | None = None
     object_volume_mm3_p90: float | None = None
     median_components_per_case: float | None = None
+    image_fraction: float | None = None  # mean share of a case's (cropped) image, over the cases
+    typical_object_volume_mm3: float | None = None  # volume-weighted median: the object a typical voxel is in
 
 
 @dataclass(frozen=True)
@@ -244,6 +246,11 @@ def _class_fingerprints(spec: DatasetSpec, cases: list[CaseFingerprint]) -> tupl
             or [np.zeros(0)]
         )
         comps = [c.n_components.get(key, 0) for c in cases if c.n_components is not None]
+        image = [
+            c.class_voxels.get(key, 0) / max(1, int(np.prod(c.shape_after_crop)))
+            for c in cases
+            if c.class_voxels is not None
+        ]
         out.append(
             ClassFingerprint(
                 label=value,
@@ -254,9 +261,22 @@ def _class_fingerprints(spec: DatasetSpec, cases: list[CaseFingerprint]) -> tupl
                 object_volume_mm3_p10=float(np.percentile(vols, 10)) if vols.size else None,
                 object_volume_mm3_p90=float(np.percentile(vols, 90)) if vols.size else None,
                 median_components_per_case=float(np.median(comps)) if comps else None,
+                image_fraction=float(np.mean(image)) if image else None,
+                typical_object_volume_mm3=_weighted_median(vols) if vols.size else None,
             )
         )
     return tuple(out)
+
+
+def _weighted_median(volumes: np.ndarray) -> float:
+    """Volume-weighted median of object volumes: half of all foreground lies in objects at least this large.
+
+    Unlike the plain median, a few large structures (a membrane network, a vessel tree) are not outvoted by the many
+    small fragments that cut them at the image border.
+    """
+    v = np.sort(np.asarray(volumes, float))
+    cumulative = np.cumsum(v)
+    return float(v[int(np.searchsorted(cumulative, 0.5 * cumulative[-1]))])
 
 
 def _case_inputs(spec: DatasetSpec) -> list[Path]:

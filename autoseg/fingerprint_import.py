@@ -54,6 +54,8 @@ _OBJECT_FACTS += (
     "classes.object_volume_mm3_p10",
     "classes.object_volume_mm3_p90",
     "classes.median_components_per_case",
+    "classes.image_fraction",
+    "classes.typical_object_volume_mm3",
 )
 _BALANCE_FACTS = ("classes.voxel_fraction", "classes.present_fraction")
 NNUNET_UNKNOWN = ("cases.id", *_CASE_FACTS, *_OBJECT_FACTS, *_BALANCE_FACTS)

@@ -199,11 +199,14 @@ def class_balance(
             ["class balance unknown (imported fingerprint): Dice + CE, oversampling 0.33 as nnU-Net"],
         )
     patch_mm3 = float(np.prod(patch) * np.prod(spacing))
+
+    def object_mm3(c):  # the object a typical voxel of the class lies in (older fingerprints: the median object)
+        return c.typical_object_volume_mm3 if c.typical_object_volume_mm3 is not None else c.median_object_volume_mm3
+
     tiny = [
         c
         for c in known
-        if (c.voxel_fraction or 0) < 0.01
-        or (c.median_object_volume_mm3 is not None and c.median_object_volume_mm3 < 0.01 * patch_mm3)
+        if (c.voxel_fraction or 0) < 0.01 or (object_mm3(c) is not None and object_mm3(c) < 0.01 * patch_mm3)
     ]
     rare = [c for c in known if c.present_fraction is not None and c.present_fraction < 0.5]
     oversampling, loss, why = 0.33, LossSpec("dice_ce", batch_dice), []
@@ -211,9 +214,9 @@ def class_balance(
         oversampling = 0.5
         loss = LossSpec("dice_topk", batch_dice, {"k": 10.0})
         why.append(
-            f"class(es) {', '.join(c.name for c in tiny)} are tiny (< 1% of the foreground or objects < 1% of "
-            "the patch): Dice + TopK-10% cross-entropy, so the hardest voxels drive the gradient, and half "
-            "the patches are forced to contain foreground"
+            f"class(es) {', '.join(c.name for c in tiny)} are tiny (< 1% of the foreground, or half of their "
+            "voxels lie in objects < 1% of the patch): Dice + TopK-10% cross-entropy, so the hardest voxels "
+            "drive the gradient, and half the patches are forced to contain foreground"
         )
     if rare:
         oversampling = 0.66

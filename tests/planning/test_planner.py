@@ -129,3 +129,43 @@ def test_presets_and_overrides():
         make_plans(fp, preset="nope")
     with pytest.raises(ConfigError, match="valid keys"):
         make_plans(fp, preset="nnunet", overrides=["training.epoch=5"])
+
+
+def test_fragmented_large_structure_is_not_tiny(tmp_path):
+    """A membrane-like grid (one large connected network, ~20% of each image) plus many small fragments where the
+    image border cuts it: the plain median object is a small fragment, but most voxels lie in the network, so the
+    class is not "tiny" (no TopK loss, nnU-Net's oversampling). The synthetic lesion (truly small blobs) stays tiny."""
+    import numpy as np
+    from PIL import Image
+
+    from autoseg.fingerprint import extract_fingerprint
+
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        label = np.zeros((128, 128), np.uint8)
+        label[::16, :] = 1
+        label[:, ::16] = 1
+        label[2:126:16, 2:126:16] = 1  # two pixels away from the grid: small fragments outnumber the network
+        label[8:120:16, 8:120:16] = 1
+        image = (rng.normal(120, 20, label.shape) - 60 * label).clip(0, 255).astype(np.uint8)
+        for folder, array in (("images", image), ("labels", label)):
+            (tmp_path / "d" / folder).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(array).save(tmp_path / "d" / folder / f"c{i}.png")
+    fp = extract_fingerprint(tmp_path / "d", workers=1)
+    (membrane,) = fp.classes
+    assert membrane.median_object_volume_mm3 == 1.0  # the fragments win the plain median
+    assert membrane.typical_object_volume_mm3 > 1000  # ... but not the voxel-weighted one
+    assert 0.1 < membrane.image_fraction < 0.3
+    c = make_plans(fp, device="cpu", check_speed=False, cpu_flops=25e9).configurations["2d"]
+    assert (c.loss.name, c.foreground_oversampling) == ("dice_ce", 0.33), c.why
+    assert not any("tiny" in w for w in c.why)
+
+
+def test_weighted_median_object_volume():
+    import numpy as np
+
+    from autoseg.fingerprint import _weighted_median
+
+    assert _weighted_median(np.array([1.0] * 99 + [1000.0])) == 1000.0  # 91% of the voxels are in the big one
+    assert _weighted_median(np.array([5.0, 5.0, 5.0])) == 5.0
+    assert _weighted_median(np.array([1.0, 2.0, 3.0, 4.0])) == 3.0  # 6 of 10 voxels are in objects >= 3
