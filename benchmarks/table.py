@@ -1,0 +1,298 @@
+"""The benchmark table of README.md, generated from ``benchmarks/results/*.json`` so the two cannot drift apart.
+
+    python benchmarks/table.py            # print the Markdown table
+    python benchmarks/table.py --write    # replace the text between the markers in README.md
+
+Every row names its results file and its conditions. A run that the audit in ``benchmarks/README.md`` found
+stale, or in breach of the protocol, is marked :data:`STALE` with the reason, a superseded run :data:`OLD`; a run
+newer than the audited one is marked :data:`PENDING` until :data:`AUDIT` is updated; a JSON file without a row
+builder still gets a row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+README = HERE.parent / "README.md"
+BEGIN, END = "<!-- benchmarks:begin -->", "<!-- benchmarks:end -->"
+STALE = "stale: rerun pending (see benchmarks/README.md)"
+OLD = "superseded, kept as history (see benchmarks/README.md)"
+PENDING = "audit pending (see benchmarks/README.md)"
+TOOLS = ("autoseg", "nnunet")  # real.py's tool keys
+COLUMNS = ("benchmark", "autoseg", "nnU-Net v2", "comparison", "conditions", "results file")
+
+#: The audit in benchmarks/README.md: file -> (date of the audited run, None if it passed or STALE/OLD, why).
+AUDIT: dict[str, tuple[str, str | None, str]] = {
+    "fingerprint.json": ("2026-11-26 14:16", None, ""),
+    "preprocess.json": ("2026-11-27 03:11", None, ""),
+    "dataloader.json": ("2026-11-26 18:01", STALE, "measured before the loader's patch-sampling changes"),
+    "train_step_cpu.json": ("2026-11-27 04:47", STALE, "the two tools ran different torch builds"),
+    "inference.json": ("2026-11-27 03:02", STALE, "weights trained 2 iterations; autoseg's CPU default not measured"),
+    "train_cpu_plan.json": ("2026-11-27 03:57", STALE, "this fold 0 was used to choose the patch-sampling rule"),
+    "precision.json": ("2026-11-27 03:09", STALE, "model since retrained; 2 of its 6 cases are end-to-end test cases"),
+    "end_to_end.json": ("2026-11-27 04:21", STALE, "test cases re-scored after planner changes; no equal-settings row"),
+    "end_to_end_cv10.json": ("2026-11-26 18:41", OLD, "planner before the small-budget rule; same test cases"),
+    "memory_model_cpu.json": ("2026-11-26 14:35", STALE, "only the plans the model was written with (in-sample)"),
+    "memory_model_cuda.json": ("2026-11-26 14:31", STALE, "estimates recalibrated on these readings (in-sample)"),
+    "search.json": ("2026-11-26 17:44", STALE, "before later trainer fixes; rule CV reused from an earlier run"),
+    "search_short.json": ("2026-11-26 16:39", OLD, "before the step-pricing and interpolation fixes"),
+    "search_flop_priced.json": ("2026-11-26 16:56", OLD, "steps priced by FLOPs; lost on the folds not selected on"),
+}
+Data = dict[str, Any]
+Cells = tuple[str, str, str, str, str]  # benchmark, autoseg, nnU-Net v2, comparison, conditions
+
+
+def status(file: str, data: Data) -> str:
+    """'' for an audited run that passed; its :data:`STALE` or :data:`OLD` mark and why; else :data:`PENDING`."""
+    date, mark, reason = AUDIT.get(file, ("", None, ""))
+    if date != file_date(data):
+        return PENDING
+    return f"{mark}: {reason}" if mark else ""
+
+
+def file_date(data: Data) -> str:
+    """The file's ``date``; for real.py's files (one date per run) the latest run's start."""
+    if "date" in data:
+        return data["date"]
+    return max((started for group in data.get("runs", {}).values() for started in group), default="undated")
+
+
+def machine(data: Data) -> str:
+    """'; CPU, cores, date' of a file that records one machine for all its rows, else ''."""
+    m = data.get("machine")
+    return f"; {m.get('cpu') or '?'}, {m.get('cores', '?')} cores, {data.get('date', 'undated')}" if m else ""
+
+
+def _tm(r: Data) -> str:
+    return f"{r['wall_s']:.3g} s, {r['peak_rss_mib']:.0f} MiB"
+
+
+def _faster(theirs: float, ours: float) -> str:
+    x = max(theirs / ours, ours / theirs)
+    return f"{x:.{2 if x < 1.1 else 1}f}x " + ("faster" if theirs >= ours else "slower")
+
+
+def _not_current(d: Data, network: str) -> str:
+    """The results file's own check: is its ``autoseg_cpu`` network still what the planner makes for a CPU?"""
+    same = d.get("plan_checks", {}).get("autoseg_cpu_plan_here_equals_autoseg_cpu", True)
+    return " (not the planner's current CPU network)" if network == "autoseg_cpu" and not same else ""
+
+
+def fingerprint(d: Data) -> Iterator[Cells]:
+    a, n, r = d["rows"]
+    g = d["agreement"]
+    same = g["median_spacing_identical"] and g["shapes_after_crop_identical"] and g["percentiles_within_1pct"]
+    agree = "median spacing, shapes, percentiles identical" if same else "results differ"
+    comp = f"{r['wall_s']}x faster, {r['peak_rss_mib']}x less RAM; {agree}"
+    what, cond = f"fingerprint, {d['cases']} synthetic CT cases (seed 0)", f"{d['workers']} workers each; one run"
+    yield what, _tm(a), _tm(n), comp, cond
+
+
+def preprocess(d: Data) -> Iterator[Cells]:
+    for r in d["runs"].values():
+        (a, n, q), ds, s = r["rows"], r["dataset"], r["agreement"]["summary"]
+        what = f"preprocessing, same 3d_fullres plan, {ds['cases']} {ds['kind']} cases x{ds['scale']:g}"
+        agree = f"r >= {s['r_min']}, labels >= {s['label_agreement_min']:.4%} equal"
+        comp = f"{q['wall_s']}x faster, {q['peak_rss_mib']}x less RAM; {agree}"
+        cond = f"seed {ds['seed']}; {r['workers']} workers each; median of {r['repeats']} alternating runs"
+        yield what, _tm(a), _tm(n), comp, cond
+
+
+def dataloader(d: Data) -> Iterator[Cells]:
+    for r in d["runs"].values():
+        (a, n, q), ds, p = r["rows"], r["dataset"], r["plan"]
+        what = f"training data loader, {ds['kind']} x{ds['scale']:g} (seed {ds['seed']})"
+        cells = [f"{x['batches_per_s']:.0f} batches/s, {x['peak_rss_mib']:.0f} MiB" for x in (a, n)]
+        comp = f"{q['batches_per_s']}x the throughput, {n['peak_rss_mib'] / a['peak_rss_mib']:.1f}x less RAM"
+        cond = f"patch {p['patch_size_autoseg']} batch {p['batch_size_autoseg']}, {r['workers']} workers each"
+        yield what, *cells, comp, f"{cond}; {r['batches']} batches after {r['warmup']}, median of {r['repeats']}"
+
+
+def train_step(d: Data) -> Iterator[Cells]:
+    for res in d["results"]:
+        a, n = (next(r for r in res["rows"] if r["tool"] == t) for t in ("autoseg", "nnU-Net v2"))
+        net = d["networks"][res["network"]]
+        what = f"training step, {res['network']}{_not_current(d, res['network'])}, {net['patch']} batch {net['batch']}"
+        cells = [f"{r['median_s']} s/step, {r['peak_mem_mib']:.0f} MiB" for r in (a, n)]
+        comp = f"{_faster(n['median_s'], a['median_s'])}, {res['memory_ratio_nnunet_over_autoseg']}x less memory"
+        cond = f"{d['device']} {a['amp']}, {a['params'] / 1e6:.2g} M parameters; median of {d['steps']} steps"
+        yield what, *cells, comp, f"{cond} (interleaved) after {d['warmup']}; torch {a['torch']} vs {n['torch']}"
+
+
+FLIPS = {  # inference.json modes
+    "no_mirroring": "no flips",
+    "mirror_single": "4 passes",
+    "mirror_all": "8 flips",
+    "mirror_all_bf16": "8 flips bf16",
+    "mirror_all_sequential": "8 flips -npp 0 -nps 0",
+}
+
+
+def inference(d: Data) -> Iterator[Cells]:
+    for name, net in d["networks"].items():
+        cells = []
+        for tool in ("autoseg", "nnU-Net v2"):
+            rs = [r for r in d["rows"] if r["network"] == name and r["tool"] == tool]
+            times = "; ".join(f"{FLIPS.get(r['mode'], r['mode'])} {r['per_case_s']} s" for r in rs)
+            cells.append(f"{times}; peak {max(r['peak_rss_mib'] for r in rs):.0f} MiB")
+        pairs = [c for c in d["comparisons"] if c["network"] == name]
+        comp = "; ".join(f"{FLIPS[c['autoseg']]} vs {FLIPS[c['nnU-Net v2']]}: {c['speedup']}x faster" for c in pairs)
+        what = f"sliding-window inference per case, {name}{_not_current(d, name)}"
+        cond = f"{net['params'] / 1e6:.2g} M parameters; {d['cases']} cases ({d['fov']}), median of {d['repeats']}"
+        yield what, *cells, comp, f"{cond}; fp32 unless bf16; per case = process wall / cases"
+
+
+def train_cpu_plan(d: Data) -> Iterator[Cells]:
+    s, p = d["setup"], d["plan"]
+    its = statistics.median(e["s_per_it"] for e in d["epochs"])
+    dice = ", ".join(f"{k} {v}" for k, v in d["validation_dice"].items())
+    what = f"training, default CPU plan, synthetic {s['kind']} fold 0 ({s['cases']} cases, seed {s['seed']})"
+    auto = f"{d['train_minutes']} min ({its:.2f} s/it); validation Dice {dice} ({d['validation_cases']} cases)"
+    cond = f"patch {p['patch_size']} batch {p['batch_size']}, {p['epochs']} x {p['iterations_per_epoch']} it"
+    yield what, auto, "-", "-", f"{cond}, loss {p['loss']}"
+
+
+def precision(d: Data) -> Iterator[Cells]:
+    by = {(r["mirror"], r["precision"]): r for r in d["rows"]}
+    parts, comp = [], []
+    for mirror in dict.fromkeys(m for m, _ in by):
+        f, b = by[(mirror, "fp32")], by[(mirror, "bf16")]
+        parts.append(
+            f"{mirror}: fp32 {f['seconds']} s, Dice {f['mean_dice']}; bf16 {b['seconds']} s, Dice {b['mean_dice']}"
+        )
+        equal = d["fp32_vs_bf16_labels"][mirror]["voxels_equal_mean"]
+        comp.append(f"{mirror}: bf16 {_faster(f['seconds'], b['seconds'])}, {equal:.2%} voxels equal")
+    cond = f"{d['rows'][0]['cases']} cases; CPU has native bf16: {d['cpu_native_bf16']}"
+    yield "prediction, fp32 vs bf16, trained default CPU model", " / ".join(parts), "-", "; ".join(comp), cond
+
+
+def end_to_end(d: Data) -> Iterator[Cells]:
+    s, (a, n), pn = d["settings"], d["rows"], d["plans"]["nnunet"]
+    classes = list(d["scores"]["autoseg"]["dice"])
+
+    def cell(r: Data) -> str:
+        dice = ", ".join(f"{k} {r[k]}" for k in classes)
+        gib = r["predict_rss_mib"] / 1024
+        return f"Dice {r['mean_dice']} ({dice}); {r['iterations']} it; predict {r['predict_s']} s, {gib:.1f} GiB"
+
+    configs = d["plans"]["autoseg"]["configurations"].items()
+    nets = ", ".join(f"{k} {c['patch_size']} b{c['batch_size']} {c['parameters'] / 1e6:.1f} M" for k, c in configs)
+    what = f"end to end, {s['cases']} synthetic {s['kind']} cases (seed {s['seed']}), {s['minutes']:g} min training"
+    comp = f"{a['mean_dice'] - n['mean_dice']:+.3f} Dice; prediction {_faster(n['predict_s'], a['predict_s'])}"
+    predict = s.get("prediction", "prediction flips and precision not recorded")
+    cond = f"{s['test_cases']} held-out cases; one core, {s['threads_per_tool']} thread each; one run per tool"
+    nn = f"nnU-Net 3d_fullres {pn['patch_size']} b{pn['batch_size']} {pn['parameters'] / 1e6:.1f} M"
+    yield what, cell(a), cell(n), comp, f"{cond}; autoseg {nets}; {nn}; {predict}"
+
+
+def memory_model(d: Data) -> Iterator[Cells]:
+    rows, env = d["rows"], d.get("environment", {})
+    auto = f"within {max(abs(r['ratio'] - 1) for r in rows):.1%} of the measured peak on {len(rows)} plans"
+    if all("estimate_mib_at_run" in r for r in rows):
+        at_run = max(abs(r["estimate_mib_at_run"] / r["measured_mib"] - 1) for r in rows)
+        auto += f" (before recalibration on them: {at_run:.1%})"
+    precisions = "/".join(sorted({r["precision"] for r in rows}))
+    cond = f"{env.get('gpu', d['device'])}, torch {env.get('torch')}, {precisions}"
+    yield f"memory model vs measured peak training memory, {d['device']}", auto, "(no byte model)", "-", cond
+
+
+def search(d: Data) -> Iterator[Cells]:
+    s, r, q, se = d["setup"], d["cv_rule"], d["cv_search"], d["search"]
+    rf, qf = r["fold_mean_dice"], q["fold_mean_dice"]
+    classes = ", ".join(f"{k} {r['dice_per_class'][k]} -> {v}" for k, v in q["dice_per_class"].items())
+    held = f"{statistics.fmean(rf[1:]):.4f} -> {statistics.fmean(qf[1:]):.4f}"
+    auto = f"CV Dice {r['mean_foreground_dice']} -> {q['mean_foreground_dice']} ({classes})"
+    auto += f"; folds 1-{len(rf) - 1} only (not selected on): {held}"
+    wall = se["wall_seconds"]
+    share, total = (q["train_seconds"] / r["train_seconds"], (q["train_seconds"] + wall) / r["train_seconds"])
+    comp = f"training {share:.0%} of the rule plan's; {total:.0%} with the search's own {wall:.0f} s"
+    rule = f"rule plan at --cpu-gflops {s['cpu_gflops']:g} ({s['epochs']} x {s['iterations']} it)"
+    trials = f"{s['trials']} trials on fold 0 ({se['complete']} complete, {se['pruned']} pruned)"
+    what = f"search vs rule plan, synthetic {s['dataset'].split()[-1]} (seed {s['seed']}), {len(rf)}-fold CV"
+    yield what, auto, "(no search)", comp, f"{rule}; {trials}; mirroring {s['mirroring']}"
+
+
+def _ci(s: Data) -> str:
+    """``{mean, low, high}`` (a bootstrap interval of real.py) as ``mean [low, high]``."""
+    return "undefined" if s["mean"] is None else f"{s['mean']:.3f} [{s['low']:.3f}, {s['high']:.3f}]"
+
+
+def real(d: Data) -> Iterator[Cells]:
+    """``real_<dataset>.json`` of benchmarks/real.py: one row per run (budget x start time)."""
+    for group, runs in d["runs"].items():
+        for started, e in runs.items():
+            dice, it, st = e["metrics"]["dice"], e["iterations"], e["settings"]
+            cells = [f"Dice {'; '.join(f'{c} {_ci(v[t])}' for c, v in dice.items())}; {it[t]} it" for t in TOOLS]
+            split, m = e["split"], e["machine"]
+            what = f"real data, {d['dataset']}, {e['budget_minutes']:g} min training each ({group})"
+            comp = f"Dice autoseg - nnU-Net, foreground mean, paired: {_ci(dice['mean']['autoseg_minus_nnunet'])}"
+            n_train, n_test = len(split["train_cases"]), len(split["test_cases"])
+            data = f"{n_train} training / {n_test} test cases (split seed {split['seed']})"
+            flips = "; ".join(
+                f"{t}: {st[t]['prediction']['mirroring']}, {st[t]['prediction']['precision']}" for t in TOOLS
+            )
+            code = e["versions"]["autoseg_commit"]
+            code = code[:7] + ("+uncommitted" if "+" in code else "")
+            where = f"autoseg {code}; one core, {m['threads_per_tool']} thread each; {m['cpu']}, {m['cores']} cores"
+            yield what, *cells, comp, f"{data}; prediction {flips}; 95% bootstrap over test cases; {where}, {started}"
+
+
+#: Row builders in table order; each reads the files ``<its name>*.json``.
+BUILDERS: tuple[Callable[[Data], Iterator[Cells]], ...] = (
+    fingerprint, preprocess, dataloader, train_step, inference, train_cpu_plan, precision, end_to_end, real,
+    memory_model, search,
+)  # fmt: skip
+
+
+def table_rows(results: Path = RESULTS) -> list[list[str]]:
+    """One list of cells per row (:data:`COLUMNS`), every results file in :data:`BUILDERS` order, then the rest."""
+    rows: list[list[str]] = []
+    seen: set[str] = set()
+    for build in BUILDERS:
+        for path in sorted(p for p in results.glob(f"{build.__name__}*.json") if p.name not in seen):
+            seen.add(path.name)
+            data = json.loads(path.read_text())
+            mark = status(path.name, data)
+            for what, *cells, cond in build(data):
+                what += f" — **{mark}**" if mark else ""
+                rows.append([what, *cells, cond + machine(data), f"`{path.name}`"])
+    for path in sorted(p for p in results.glob("*.json") if p.name not in seen):
+        rows.append([path.name, "-", "-", "-", "no row builder in benchmarks/table.py", f"`{path.name}`"])
+    return rows
+
+
+def markdown(rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def replace_section(text: str, table: str) -> str:
+    """``text`` with everything between :data:`BEGIN` and :data:`END` replaced by ``table``."""
+    start, end = text.find(BEGIN), text.find(END)
+    if start < 0 or end < start:
+        raise ValueError(f"markers {BEGIN} ... {END} not found: add them around the benchmark table")
+    return text[: start + len(BEGIN)] + "\n" + table + text[end:]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--write", action="store_true", help="replace the marked section of README.md")
+    args = parser.parse_args()
+    table = markdown(table_rows())
+    if args.write:
+        README.write_text(replace_section(README.read_text(), table))
+        print(f"wrote the benchmark table into {README}")
+    else:
+        print(table, end="")
+
+
+if __name__ == "__main__":
+    main()
