@@ -23,14 +23,15 @@ from autoseg.data.io import (
     IMAGE_ENDINGS,
     file_ending,
     is_dicom_series,
+    read_channel_count,
     read_image,
     read_images,
     read_label,
     strip_ending,
 )
-from autoseg.errors import DatasetError
+from autoseg.errors import DatasetError, ImageReadError
 
-__all__ = ["Case", "DatasetSpec", "scan", "discover", "load_case", "is_ct_channel"]
+__all__ = ["Case", "DatasetSpec", "scan", "discover", "load_case", "is_ct_channel", "channel_files"]
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +94,51 @@ def is_ct_channel(name: str) -> bool:
 _CHANNEL_FILE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 
 
+def channel_files(case_id: str, files: Mapping[int, Path], n_channels: int, *, expected: str = "") -> tuple[Path, ...]:
+    """The image files of one case in channel order, from its ``<case>_XXXX`` files keyed by channel number.
+
+    A file usually holds one channel. As nnU-Net v2's natural-image reader allows, one file may also hold several
+    (RGB PNG, multi-channel TIFF): when only files ``_0000`` .. ``_000k`` of the ``n_channels`` are present, their
+    channel counts are read from the file headers and the files are accepted when the counts add up to
+    ``n_channels``. Files numbered ``n_channels`` or higher are left to the caller.
+
+    Parameters
+    ----------
+    case_id : the case, for messages.
+    files : channel number -> file (or DICOM folder).
+    n_channels : channels the dataset declares or the model expects.
+    expected : who expects them, for messages (default "<n_channels> channel(s) are expected").
+
+    Raises
+    ------
+    DatasetError
+        Naming the missing channel files, or the files and their channel counts when these do not add up.
+    """
+    present = [c for c in range(n_channels) if c in files]
+    if len(present) == n_channels:
+        return tuple(files[c] for c in present)  # one file per channel: no header is read
+    expected = expected or f"{n_channels} channel(s) are expected"
+    first = next(iter(files.values()), None)
+    ending = file_ending(first) if first is not None else ""
+    missing = [c for c in range(n_channels) if c not in files]
+    lacking = f"case {case_id}: missing channel file(s) " + ", ".join(f"{case_id}_{c:04d}{ending}" for c in missing)
+    if not present or present != list(range(len(present))):
+        raise DatasetError(f"{lacking}; {expected}")
+    counts = [read_channel_count(files[c]) for c in present]
+    if sum(counts) == n_channels:
+        return tuple(files[c] for c in present)
+    if max(counts) == 1:
+        raise DatasetError(f"{lacking}; {expected}")
+    held = ", ".join(f"{files[c]} holds {k}" for c, k in zip(present, counts))
+    if len(counts) > 1:
+        held += f": {sum(counts)}"
+    hint = " (drop the alpha channel: save the image as RGB)" if counts == [n_channels + 1] else ""
+    raise DatasetError(
+        f"case {case_id}: {held} channel(s), but {expected}{hint}; give one file per channel "
+        f"({case_id}_0000{ending} .. {case_id}_{n_channels - 1:04d}{ending}) or one file that holds all {n_channels}"
+    )
+
+
 def _list_images(folder: Path, ending: str | None = None) -> list[Path]:
     if not folder.is_dir():
         return []
@@ -151,8 +197,8 @@ def _scan_nnunet(root: Path, meta: dict, problems: list[str]) -> DatasetSpec:
             for cid, entry in sorted(meta["dataset"].items())
         )
     else:
-        cases = _cases_from_channel_files(root / "imagesTr", root / "labelsTr", ending, len(channels), problems)
-    test_cases = _cases_from_channel_files(root / "imagesTs", None, ending, len(channels), problems)
+        cases = _cases_from_channel_files(root / "imagesTr", root / "labelsTr", ending, channels, problems)
+    test_cases = _cases_from_channel_files(root / "imagesTs", None, ending, channels, problems)
     n = meta.get("numTraining")
     if n is not None and n != len(cases):
         problems.append(f"{where}: numTraining is {n} but {len(cases)} training cases were found")
@@ -177,8 +223,10 @@ def _resolve(root: Path, p: str) -> Path:
 
 
 def _cases_from_channel_files(
-    images_dir: Path, labels_dir: Path | None, ending: str, n_channels: int, problems: list[str]
+    images_dir: Path, labels_dir: Path | None, ending: str, channels: tuple[str, ...], problems: list[str]
 ) -> tuple[Case, ...]:
+    n_channels = len(channels)
+    expected = f"dataset.json declares {n_channels} channel(s) ({', '.join(channels)})"
     by_case: dict[str, dict[int, Path]] = defaultdict(dict)
     for p in _list_images(images_dir, ending):
         m = _CHANNEL_FILE.match(p.name[: -len(ending)])
@@ -188,12 +236,15 @@ def _cases_from_channel_files(
         by_case[m["case"]][int(m["channel"])] = p
     cases = []
     for cid, chans in sorted(by_case.items()):
-        missing = [c for c in range(n_channels) if c not in chans]
+        try:
+            images = channel_files(cid, chans, n_channels, expected=expected)
+        except ImageReadError as exc:  # names the file already
+            problems.append(str(exc))
+            images = ()
+        except DatasetError as exc:
+            problems.append(f"{images_dir}: {exc}")
+            images = ()
         extra = [c for c in chans if c >= n_channels]
-        if missing:
-            problems.append(
-                f"{images_dir}/{cid}: missing channel file(s) " + ", ".join(f"{cid}_{c:04d}{ending}" for c in missing)
-            )
         if extra:
             problems.append(f"{images_dir}/{cid}: channel file(s) {extra} beyond the {n_channels} declared channels")
         label = None
@@ -202,8 +253,8 @@ def _cases_from_channel_files(
             if not label.exists():
                 problems.append(f"{label}: missing label file for case {cid}")
                 label = None
-        if not missing:
-            cases.append(Case(cid, tuple(chans[c] for c in range(n_channels)), label))
+        if images:
+            cases.append(Case(cid, images, label))
     if labels_dir is not None:
         known = set(by_case)
         for p in _list_images(labels_dir, ending):

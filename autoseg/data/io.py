@@ -2,8 +2,9 @@
 
 This is the only module that converts between SimpleITK's (x, y, z) world and autoseg's arrays, which are
 (C, Z, Y, X) for images and (Z, Y, X) for label maps. Formats: NIfTI, NRRD, MetaImage (via SimpleITK), DICOM
-series folders (SimpleITK/GDCM), 2D PNG/BMP/TIFF (grey or RGB: colour components become channels) and 3D TIFF
-stacks whose spacing comes from a JSON sidecar ``{"spacing": [z, y, x]}`` named after the case.
+series folders (SimpleITK/GDCM), 2D PNG/BMP/TIFF (grey, RGB or RGBA: colour components, like the C axis of an
+ImageJ hyperstack, become channels) and 3D TIFF stacks whose spacing comes from a JSON sidecar
+``{"spacing": [z, y, x]}`` named after the case.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ __all__ = [
     "read_images",
     "read_label",
     "read_header",
+    "read_channel_count",
     "write_image",
     "to_sitk",
 ]
@@ -155,6 +157,14 @@ def _tiff_sidecar(path: Path) -> Path | None:
     return None
 
 
+def _tiff_channel_axis(path: Path, axes: str) -> int | None:
+    """Index of the channel axis in tifffile's ``axes`` (S: colour samples, C: ImageJ channels), or None."""
+    found = [i for i, a in enumerate(axes) if a in "SC"]
+    if len(found) > 1:
+        raise ImageReadError(f"{path}: unsupported TIFF layout (axes {axes}: both colour samples and channels)")
+    return found[0] if found else None
+
+
 def _read_tiff(path: Path) -> tuple[np.ndarray, Geometry]:
     import tifffile
 
@@ -164,9 +174,10 @@ def _read_tiff(path: Path) -> tuple[np.ndarray, Geometry]:
             axes, array = series.axes, series.asarray()
     except Exception as exc:  # tifffile raises many types for broken files
         raise ImageReadError(f"{path}: cannot read TIFF ({exc})") from None
-    if "S" in axes:  # colour samples -> channels
-        array = np.moveaxis(array, axes.index("S"), 0)
-        axes = "C" + axes.replace("S", "")
+    channel_axis = _tiff_channel_axis(path, axes)
+    if channel_axis is not None:  # colour samples (S) or ImageJ channels (C) -> leading channel axis
+        array = np.moveaxis(array, channel_axis, 0)
+        axes = "C" + axes.replace(axes[channel_axis], "")
     else:
         array, axes = array[None], "C" + axes
     sidecar = _tiff_sidecar(path)
@@ -232,6 +243,38 @@ def read_header(path: Path | str) -> Geometry:
     _, geometry = _from_sitk(probe)
     shape = tuple(int(s) for s in size[::-1][-3:]) if len(size) >= 3 else (1, int(size[1]), int(size[0]))
     return geometry.with_shape(shape)  # type: ignore[arg-type]
+
+
+def read_channel_count(path: Path | str) -> int:
+    """Number of channels in one image file or DICOM series folder, read from the header where the format allows.
+
+    RGB PNG gives 3, RGBA 4, a 4D (MSD) NIfTI its fourth size, a TIFF the size of its colour-sample or ImageJ
+    channel axis; every other image 1. The count equals ``read_image(path)[0].shape[0]``.
+    """
+    path = Path(path)
+    if path.is_dir():
+        return int(read_image(path)[0].shape[0])  # DICOM series: rare enough to read in full
+    if not path.is_file():
+        raise ImageReadError(f"{path}: file not found")
+    if file_ending(path) in TIFF_ENDINGS:
+        import tifffile
+
+        try:
+            with tifffile.TiffFile(path) as tif:
+                axes, shape = tif.series[0].axes, tif.series[0].shape
+        except Exception as exc:  # tifffile raises many types for broken files
+            raise ImageReadError(f"{path}: cannot read TIFF ({exc})") from None
+        channel_axis = _tiff_channel_axis(path, axes)
+        return 1 if channel_axis is None else int(shape[channel_axis])
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as exc:
+        raise ImageReadError(f"{path}: cannot read image header ({_first_line(exc)})") from None
+    if reader.GetNumberOfComponents() > 1:
+        return int(reader.GetNumberOfComponents())
+    return int(reader.GetSize()[3]) if reader.GetDimension() == 4 else 1
 
 
 def read_images(paths: Sequence[Path]) -> tuple[np.ndarray, Geometry]:

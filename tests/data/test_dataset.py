@@ -11,8 +11,10 @@ import SimpleITK as sitk
 
 from autoseg.data.dataset import discover, load_case, scan
 from autoseg.data.io import write_image
+from autoseg.data.verify import verify_dataset
 from autoseg.errors import DatasetError
 from tests.conftest import shared_data, tiny_geometry, write_nnunet_dataset
+from tests.data.colour import SHAPE_YX, colour_case, write_colour_dataset, write_png
 
 
 def test_nnunet_layout(tmp_path):
@@ -161,3 +163,55 @@ def test_plain_folder_of_colour_pngs_is_rgb_and_planned_as_such(tmp_path):
     assert [c.normalization_hint for c in fp.channels] == ["rgb"] * 3
     plans = make_plans(fp, device="cpu", check_speed=False, cpu_flops=5e7)
     assert [n.scheme for n in plans.configurations["2d"].normalization] == ["rgb"] * 3
+
+
+@pytest.mark.parametrize("layout", ["folders", "pairs", "nnunet"])
+def test_one_rgb_png_per_case_is_three_channels_in_every_layout(tmp_path, layout):
+    # regression: an nnU-Net layout with channel_names R, G, B and one <case>_0000.png holding RGB (what nnU-Net's
+    # NaturalImage2DIO reads) failed with "missing channel file(s) <case>_0001.png, <case>_0002.png"
+    root = write_colour_dataset(tmp_path / layout, layout)
+    spec = discover(root)
+    assert spec.channels == ("R", "G", "B") and len(spec.cases) == 3
+    assert all(len(case.images) == 1 for case in spec.cases)
+    image, label, geometry = load_case(spec, spec.cases[1])
+    pixels, expected = colour_case(1)
+    assert image.shape == (3, 1, *SHAPE_YX) and geometry.is_2d
+    np.testing.assert_array_equal(image[:, 0], np.moveaxis(pixels, -1, 0))
+    np.testing.assert_array_equal(label[0], expected)
+    report = verify_dataset(root, workers=1)
+    assert report.ok, report.errors
+    assert report.label_values == [0, 1]
+    from autoseg.fingerprint import extract_fingerprint
+
+    fingerprint = extract_fingerprint(root, tmp_path / "run" / "fingerprint.json", workers=1)
+    assert [c.normalization_hint for c in fingerprint.channels] == ["rgb"] * 3
+
+
+def test_rgb_test_images_of_an_nnunet_layout_are_found(tmp_path):
+    root = write_colour_dataset(tmp_path / "d", "nnunet", n_cases=2)
+    write_png(colour_case(5)[0], root / "imagesTs" / "new_0000.png")
+    spec = discover(root)
+    assert [(c.id, [p.name for p in c.images]) for c in spec.test_cases] == [("new", ["new_0000.png"])]
+
+
+def test_wrong_channel_count_in_one_file_names_the_file_and_the_counts(tmp_path):
+    root = write_colour_dataset(tmp_path / "d", "nnunet", n_cases=3)
+    rgba = write_png(colour_case(1, components=4)[0], root / "imagesTr" / "case_01_0000.png")
+    grey = write_png(colour_case(2)[1], root / "imagesTr" / "case_02_0000.png")
+    spec, problems = scan(root)
+    text = "\n".join(problems)
+    assert [c.id for c in spec.cases] == ["case_00"]
+    assert f"{rgba} holds 4 channel(s), but dataset.json declares 3 channel(s) (R, G, B)" in text
+    assert "save the image as RGB" in text
+    assert "case_02: missing channel file(s) case_02_0001.png, case_02_0002.png" in text and grey.exists()
+    with pytest.raises(DatasetError, match="case_01_0000.png holds 4"):
+        discover(root)
+
+
+def test_rgb_file_where_two_channels_are_declared_is_an_error(tmp_path):
+    root = write_colour_dataset(tmp_path / "d", "nnunet", n_cases=1)
+    meta = json.loads((root / "dataset.json").read_text())
+    meta["channel_names"] = {"0": "R", "1": "G"}
+    (root / "dataset.json").write_text(json.dumps(meta))
+    with pytest.raises(DatasetError, match=r"case_00_0000.png holds 3 channel\(s\), but dataset.json declares 2"):
+        discover(root)

@@ -11,7 +11,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from autoseg.data.geometry import Geometry
-from autoseg.data.io import file_ending, read_header, read_image, read_images, read_label, strip_ending, write_image
+from autoseg.data.io import (
+    file_ending,
+    read_channel_count,
+    read_header,
+    read_image,
+    read_images,
+    read_label,
+    strip_ending,
+    write_image,
+)
 from autoseg.errors import DatasetError, ImageReadError
 from tests.conftest import shared_data, tiny_geometry
 
@@ -73,6 +82,33 @@ def test_2d_png_grey_and_rgb(tmp_path):
     back, g = read_image(tmp_path / "c.png")
     assert back.shape == (3, 1, 11, 13)
     np.testing.assert_array_equal(back[2, 0], 255 - grey[0])
+
+
+def test_channel_count_from_the_header_matches_the_pixels(tmp_path):
+    import tifffile
+
+    rng = np.random.default_rng(2)
+    colour = rng.integers(0, 256, (11, 13, 4)).astype(np.uint8)  # (y, x, components)
+    files = {}
+    for name, components in (("grey.png", 1), ("rgb.png", 3), ("rgba.png", 4)):
+        pixels = colour[..., :components] if components > 1 else colour[..., 0]
+        sitk.WriteImage(sitk.GetImageFromArray(pixels, isVector=components > 1), str(tmp_path / name))
+        files[name] = components
+    tifffile.imwrite(tmp_path / "rgb.tif", colour[..., :3])  # colour samples: axes YXS
+    tifffile.imwrite(tmp_path / "hyper.tif", np.moveaxis(colour, -1, 0), imagej=True, metadata={"axes": "CYX"})
+    files.update({"rgb.tif": 3, "hyper.tif": 4})
+    msd = sitk.JoinSeries([sitk.GetImageFromArray(rng.normal(size=(7, 11, 13))) for _ in range(2)])
+    sitk.WriteImage(msd, str(tmp_path / "msd.nii.gz"))
+    files["msd.nii.gz"] = 2
+    for name, components in files.items():
+        assert read_channel_count(tmp_path / name) == components, name
+        array, geometry = read_image(tmp_path / name)
+        assert array.shape[0] == components, name
+    hyper, geometry = read_image(tmp_path / "hyper.tif")  # ImageJ channels are channels, not a 3D stack
+    assert hyper.shape == (4, 1, 11, 13) and geometry.is_2d
+    np.testing.assert_array_equal(hyper[2, 0], colour[..., 2])
+    with pytest.raises(ImageReadError, match="nope.png: file not found"):
+        read_channel_count(tmp_path / "nope.png")
 
 
 def test_3d_tiff_needs_sidecar_spacing(tmp_path):
