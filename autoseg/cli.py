@@ -311,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("synth", _cmd_synth, "write a synthetic dataset with known truth (nnU-Net v2 layout)")
     p.add_argument("out", type=Path, help="output dataset folder")
-    p.add_argument("--kind", choices=["ct3d", "mr3d", "2d"], default="ct3d")
+    p.add_argument("--kind", choices=["ct3d", "ct3d_hard", "mr3d", "2d"], default="ct3d")
     p.add_argument("--cases", type=int, default=8, help="training cases (default 8)")
     p.add_argument("--test-cases", type=int, default=2, help="held-out cases in imagesTs/labelsTs (default 2)")
     p.add_argument("--seed", type=int, default=0)

@@ -7,6 +7,9 @@ They carry the difficulties of real data while staying small enough to train on 
 - ``mr3d``: two MR-like channels with a smooth multiplicative bias field, an arbitrary per-case intensity scale
   and zero background, anisotropic; a gland (large) and a lesion (small).
 - ``2d``: grey 2D PNG images (microscopy-like): cells (large) and small bright spots.
+- ``ct3d_hard``: ``ct3d`` made harder for evaluation: every scan is oblique (its axes rotated up to 25 degrees
+  against the anatomy, stored in the direction cosines), the lesion's and the organ's intensities overlap, and a
+  second tiny class (cysts, darker than the organ and as dark as the tissue around it) lies in the organ.
 
 Objects are placed in physical (mm) coordinates and sampled on each case's grid, so shapes, spacings and
 origins vary from case to case without distorting the anatomy. ``labelsTs/`` holds the truth of the test cases.
@@ -36,19 +39,36 @@ class _Kind:
     make: Callable[[np.random.Generator], tuple[list[np.ndarray], np.ndarray, Geometry]]
 
 
+def _rotation(rng: np.random.Generator, max_degrees: float) -> np.ndarray:
+    """A random rotation (3 x 3, x/y/z) by up to ``max_degrees`` about a random axis (Rodrigues' formula)."""
+    axis = rng.standard_normal(3)
+    axis /= np.linalg.norm(axis)
+    angle = np.radians(rng.uniform(-max_degrees, max_degrees))
+    k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+    return np.eye(3) + np.sin(angle) * k + (1 - np.cos(angle)) * k @ k
+
+
 def _grid(
     rng: np.random.Generator,
     shape_range: tuple[tuple[int, int], ...],
     spacing: tuple[float, float, float],
     jitter: float,
+    oblique_degrees: float = 0.0,
 ) -> tuple[np.ndarray, Geometry]:
+    """Physical coordinates (mm, relative to the volume centre, (3, Z, Y, X) in z/y/x order) and the geometry.
+
+    With ``oblique_degrees`` the scan's axes are rotated against the anatomy (direction cosines of the file), so
+    objects defined in these coordinates lie obliquely in the voxel grid, as in a tilted acquisition.
+    """
     shape = tuple(int(rng.integers(lo, hi + 1)) for lo, hi in shape_range)
     spacing_zyx = tuple(float(s * rng.uniform(1 - jitter, 1 + jitter)) for s in spacing)
     origin = tuple(float(v) for v in rng.uniform(-200, 200, size=3))
-    geometry = Geometry(spacing_zyx, shape, origin, (1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0), 3)  # type: ignore[arg-type]
-    # physical coordinates (mm) of voxel centres relative to the volume centre, (3, Z, Y, X)
+    rotation = _rotation(rng, oblique_degrees) if oblique_degrees else np.eye(3)
+    direction = tuple(float(v) for v in rotation.ravel())
+    geometry = Geometry(spacing_zyx, shape, origin, direction, 3)  # type: ignore[arg-type]
     axes = [(np.arange(n) - (n - 1) / 2) * s for n, s in zip(shape, spacing_zyx)]
-    return np.stack(np.meshgrid(*axes, indexing="ij")), geometry
+    local_xyz = np.stack(np.meshgrid(*axes, indexing="ij"))[::-1]
+    return np.einsum("ij,j...->i...", rotation, local_xyz)[::-1], geometry
 
 
 def _ellipsoid(
@@ -66,8 +86,8 @@ def _texture(rng: np.random.Generator, shape, sigma: float) -> np.ndarray:
     return t / (t.std() + 1e-6)
 
 
-def _make_ct(rng: np.random.Generator) -> tuple[list[np.ndarray], np.ndarray, Geometry]:
-    coords, geometry = _grid(rng, ((22, 30), (80, 100), (80, 100)), (3.0, 0.8, 0.8), 0.08)
+def _make_ct(rng: np.random.Generator, hard: bool = False) -> tuple[list[np.ndarray], np.ndarray, Geometry]:
+    coords, geometry = _grid(rng, ((22, 30), (80, 100), (80, 100)), (3.0, 0.8, 0.8), 0.08, 25.0 if hard else 0.0)
     extent = np.array(geometry.shape_zyx) * np.array(geometry.spacing_zyx) / 2
     body = _ellipsoid(coords, (0, 0, 0), (extent[0] * 1.5, extent[1] * 0.85, extent[2] * 0.9), rng, 0.05)
     organ_c = (rng.uniform(-10, 10), rng.uniform(-8, 8), rng.uniform(-12, 0))
@@ -78,15 +98,25 @@ def _make_ct(rng: np.random.Generator) -> tuple[list[np.ndarray], np.ndarray, Ge
     label = np.zeros(geometry.shape_zyx, np.uint8)
     label[organ] = 1
     label[bone] = 3
+
+    def inside_organ(radius_range: tuple[float, float], spread: float) -> np.ndarray:
+        c = tuple(organ_c[i] + rng.uniform(-spread, spread) * organ_r[i] for i in range(3))
+        return _ellipsoid(coords, c, tuple(rng.uniform(*radius_range, size=3))) & organ
+
     for _ in range(int(rng.integers(1, 3))):  # one or two small lesions inside the organ
-        c = tuple(organ_c[i] + rng.uniform(-0.5, 0.5) * organ_r[i] for i in range(3))
-        lesion = _ellipsoid(coords, c, tuple(rng.uniform(4, 7, size=3))) & organ
-        label[lesion] = 2
+        label[inside_organ((4, 7), 0.5)] = 2
+    if hard:  # one to three cysts, smaller than the lesions
+        for _ in range(int(rng.integers(1, 4))):
+            label[inside_organ((2.5, 4.5), 0.6) & (label == 1)] = 4
+    # (mean, texture) HU per label; the hard kind's lesion overlaps the organ and its cysts overlap the tissue
+    hu_of = (
+        {1: (95, 10), 2: (40, 8), 3: (600, 150)} if not hard else {1: (80, 14), 2: (58, 12), 3: (600, 150), 4: (22, 10)}
+    )
     hu = np.full(geometry.shape_zyx, -1000.0)
     hu[body] = 20 + 15 * _texture(rng, geometry.shape_zyx, 2)[body]
-    hu[label == 1] = 95 + 10 * _texture(rng, geometry.shape_zyx, 1.5)[label == 1]
-    hu[label == 2] = 40 + 8 * _texture(rng, geometry.shape_zyx, 1)[label == 2]
-    hu[label == 3] = 600 + 150 * _texture(rng, geometry.shape_zyx, 1)[label == 3]
+    for value, (mean, spread) in hu_of.items():
+        mask = label == value
+        hu[mask] = mean + spread * _texture(rng, geometry.shape_zyx, 1.5 if value == 1 else 1)[mask]
     hu = ndimage.gaussian_filter(hu, sigma=(0.3, 0.8, 0.8)) + rng.normal(0, 12, hu.shape)
     return [np.clip(np.rint(hu), -1024, 3071).astype(np.int16)], label, geometry
 
@@ -134,9 +164,19 @@ def _make_2d(rng: np.random.Generator) -> tuple[list[np.ndarray], np.ndarray, Ge
 
 KINDS: dict[str, _Kind] = {
     "ct3d": _Kind(("CT",), {"background": 0, "organ": 1, "lesion": 2, "bone": 3}, ".nii.gz", _make_ct),
+    "ct3d_hard": _Kind(
+        ("CT",),
+        {"background": 0, "organ": 1, "lesion": 2, "bone": 3, "cyst": 4},
+        ".nii.gz",
+        lambda rng: _make_ct(rng, hard=True),
+    ),
     "mr3d": _Kind(("T1", "T2"), {"background": 0, "gland": 1, "lesion": 2}, ".nii.gz", _make_mr),
     "2d": _Kind(("microscopy",), {"background": 0, "cell": 1, "spot": 2}, ".png", _make_2d),
 }
+
+
+#: A fixed number per kind for its seeds (so adding a kind never changes another kind's cases).
+_KIND_NUMBER = {"2d": 0, "ct3d": 1, "mr3d": 2, "ct3d_hard": 3}
 
 
 def make_dataset(out: Path | str, kind: str = "ct3d", cases: int = 8, *, test_cases: int = 2, seed: int = 0) -> Path:
@@ -150,7 +190,7 @@ def make_dataset(out: Path | str, kind: str = "ct3d", cases: int = 8, *, test_ca
     out = Path(out)
     for i in range(cases + test_cases):
         train = i < cases
-        images, label, geometry = spec.make(np.random.default_rng([seed, sorted(KINDS).index(kind), i]))
+        images, label, geometry = spec.make(np.random.default_rng([seed, _KIND_NUMBER[kind], i]))
         cid = f"case_{i:03d}"
         folder = "Tr" if train else "Ts"
         for c, image in enumerate(images):
