@@ -131,14 +131,13 @@ def _folds(value: str) -> list[str] | str:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from autoseg.pipeline import train_jobs
-    from autoseg.planning.overrides import apply_overrides
     from autoseg.planning.plans import load_plans
     from autoseg.training.trainer import TrainOptions, train_fold
 
-    plans = apply_overrides(load_plans(args.run), args.set)
+    plans = load_plans(args.run)  # --set overrides are applied (and recorded with each fold) by the training
     options = TrainOptions(device=args.device, workers=args.workers)
     if args.no_jobs:  # one job in this process (used by the job launcher)
-        train_fold(args.run, args.config[0], args.fold, plans=plans, options=options)
+        train_fold(args.run, args.config[0], args.fold, plans=plans, overrides=args.set, options=options)
         return 0
     train_jobs(
         Path(args.run), plans, args.config, _folds(args.fold), devices=args.devices, overrides=args.set, options=options

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from autoseg.errors import ConfigError, TrainingError
 from autoseg.fingerprint import extract_fingerprint
+from autoseg.planning.overrides import apply_overrides
 from autoseg.planning.planner import plan_run
 from autoseg.planning.plans import Plans, load_plans
 from autoseg.preprocessing.preprocess import preprocess
@@ -39,8 +40,12 @@ def train_jobs(
     in_process: bool | None = None,
     options: TrainOptions | None = None,
 ) -> None:
-    """Train (configuration, fold) jobs that are not finished: in this process on a CPU, else spread on GPUs."""
+    """Train (configuration, fold) jobs that are not finished: in this process on a CPU, else spread on GPUs.
+
+    ``overrides`` (``key=value``) are applied to ``plans`` by each job, which records them with its fold.
+    """
     options = options or TrainOptions()
+    effective = apply_overrides(plans, overrides)  # checked here, before any job starts
     from autoseg.preprocessing.store import list_cases, preprocessed_folder
 
     names = list(configs or plans.configurations)
@@ -51,7 +56,7 @@ def train_jobs(
     else:
         fold_list = [str(f) for f in folds]
     jobs = [
-        Job(c, f, plans.configurations[c].training.gpus_per_job)
+        Job(c, f, effective.configurations[c].training.gpus_per_job)
         for c in names
         for f in fold_list
         if not (fold_dir(run_dir, c, f) / "checkpoint_final.pt").is_file()
@@ -67,6 +72,7 @@ def train_jobs(
                 job.config,
                 job.fold,
                 plans=plans,
+                overrides=overrides,
                 options=TrainOptions(
                     device=device_list[0], workers=options.workers, predict_validation=options.predict_validation
                 ),

@@ -1,7 +1,9 @@
 """Prediction of whole cases in their original geometry, by one model or an ensemble of folds/configurations.
 
 For each configuration the case is preprocessed as in training, every fold's network predicts it with the
-sliding window, and the folds' probabilities are averaged in that configuration's space. The mean is mapped
+sliding window, and the folds' probabilities are averaged in that configuration's space. Each fold (a member) is
+rebuilt from the configuration stored in its checkpoint, the one it was trained with (``autoseg train --set``
+overrides included): network, patch size and mirror axes come from there, not from ``plans.json``. The mean is mapped
 back onto the original grid one class channel at a time into a single (K, Z, Y, X) accumulator, where the
 configurations are averaged, so at most one full-resolution float array per class is alive.
 """
@@ -18,16 +20,26 @@ import numpy as np
 import torch
 
 from autoseg.data.geometry import Geometry
-from autoseg.errors import InferenceError
+from autoseg.errors import ConfigError, InferenceError
 from autoseg.inference.postprocessing import PostprocessingSpec, apply_postprocessing
 from autoseg.inference.sliding_window import sliding_window_logits
 from autoseg.networks.builder import build_network
-from autoseg.planning.plans import Plans, load_plans
+from autoseg.planning.plans import Configuration, Plans, load_plans
 from autoseg.preprocessing.preprocess import preprocess_case, revert
-from autoseg.training.checkpoint import load_checkpoint
+from autoseg.serialization import from_jsonable
+from autoseg.training.checkpoint import config_from_checkpoint, load_checkpoint
 from autoseg.training.trainer import fold_dir, resolve_device
 
-__all__ = ["PRECISIONS", "Prediction", "Predictor", "inference_dtype", "probabilities_to_labels", "trained_folds"]
+__all__ = [
+    "PRECISIONS",
+    "Member",
+    "Prediction",
+    "Predictor",
+    "inference_dtype",
+    "member_configuration",
+    "probabilities_to_labels",
+    "trained_folds",
+]
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +79,35 @@ class Prediction:
     entropy: np.ndarray | None = None  # (Z, Y, X) normalised to [0, 1]
     disagreement: np.ndarray | None = None  # (Z, Y, X) share of members whose label differs from the ensemble
     scores: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Member:
+    """One trained network of an ensemble, with the configuration it was trained with."""
+
+    fold: str
+    configuration: Configuration
+    network: torch.nn.Module
+
+
+def member_configuration(state: dict, plans: Plans, config: str, path: Path) -> Configuration:
+    """The configuration checkpoint ``state`` (read from ``path``) was trained with.
+
+    Checkpoints written before the configuration was stored fall back to ``plans.json``'s, with a warning: they
+    are rebuilt correctly only if the plan has not changed since and training had no ``--set`` overrides.
+    """
+    if "configuration" not in state:
+        log.warning(
+            "%s: the checkpoint does not record its configuration (an old checkpoint); rebuilding the network from "
+            "plans.json's %r, which is right only if it was trained without --set overrides",
+            path,
+            config,
+        )
+        return plans.configurations[config]
+    try:
+        return from_jsonable(Configuration, config_from_checkpoint(state), where=f"{path}: configuration")
+    except (ConfigError, ValueError) as exc:
+        raise InferenceError(f"{path}: cannot read the configuration it was trained with ({exc})") from None
 
 
 def trained_folds(run_dir: Path, config: str, checkpoint: str = "final") -> list[str]:
@@ -146,7 +187,7 @@ class Predictor:
                 f"checkpoint_{checkpoint}.pt); run `autoseg train` first"
             )
         self.postprocessing = postprocessing
-        self.members: dict[str, list[torch.nn.Module]] = {}
+        self.members: dict[str, list[Member]] = {}
         for config in configs:
             if config not in self.plans.configurations:
                 raise InferenceError(
@@ -168,60 +209,52 @@ class Predictor:
             dtype,
         )
 
-    def _load(self, config: str, fold: str, checkpoint: str) -> torch.nn.Module:
+    def _load(self, config: str, fold: str, checkpoint: str) -> Member:
         path = fold_dir(self.run_dir, config, fold) / f"checkpoint_{checkpoint}.pt"
         if not path.is_file():
             raise InferenceError(f"{path}: checkpoint missing; train fold {fold} of {config} first")
-        c = self.plans.configurations[config]
+        state = load_checkpoint(path)
+        c = member_configuration(state, self.plans, config, path)
         network = build_network(c.network, len(self.plans.channels), self.plans.n_outputs)
-        network.load_state_dict(load_checkpoint(path)["network"])
+        try:
+            network.load_state_dict(state["network"])
+        except RuntimeError as exc:
+            raise InferenceError(
+                f"{path}: the weights do not fit the network of its configuration ({exc}); the checkpoint and its "
+                "configuration disagree, retrain the fold"
+            ) from None
         network.deep_supervision = False
-        return network.to(self.device).eval()
+        return Member(fold, c, network.to(self.device).eval())
 
-    def _config_probabilities(self, config: str, data: np.ndarray, members) -> tuple[np.ndarray, list[np.ndarray]]:
-        """Mean probabilities (K, *spatial) of the members in the preprocessed space, and each member's arg-max."""
-        c = self.plans.configurations[config]
-        # tiles per forward pass: about TILE_VOXELS input voxels (small patches are batched many at a time)
-        tiles = self.tile_batch or max(1, min(256, TILE_VOXELS[self.device.type] // int(np.prod(c.patch_size))))
-        axes = tuple(c.augmentation.mirror_axes)
+    def _config_probabilities(self, data: np.ndarray, members: list[Member]) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Mean probabilities (K, *spatial) of the members in the preprocessed space, and each member's arg-max.
+
+        Patch size, mirror axes and dimensionality are each member's own (from its checkpoint).
+        """
         mean, member_labels = None, []
-        for network in members:
+        for member in members:
+            c = member.configuration
+            # tiles per forward pass: about TILE_VOXELS input voxels (small patches are batched many at a time)
+            tiles = self.tile_batch or max(1, min(256, TILE_VOXELS[self.device.type] // int(np.prod(c.patch_size))))
 
-            def predict(x: torch.Tensor, network=network) -> torch.Tensor:
-                return network(x)
-
-            if c.ndim == 2 and data.ndim == 4:  # 2D network on a 3D case: slice by slice
-                logits = torch.stack(
-                    [
-                        sliding_window_logits(
-                            predict,
-                            data[:, z],
-                            c.patch_size,
-                            self.plans.n_outputs,
-                            step=self.step,
-                            mirror_axes=axes,
-                            mirror_mode=self.mirror_mode,
-                            tile_batch=tiles,
-                            device=self.device,
-                            autocast_dtype=self.autocast,
-                        )
-                        for z in range(data.shape[1])
-                    ],
-                    dim=1,
-                )
-            else:
-                logits = sliding_window_logits(
-                    predict,
-                    data,
+            def window(volume: np.ndarray, c=c, tiles=tiles, network=member.network) -> torch.Tensor:
+                return sliding_window_logits(
+                    network,
+                    volume,
                     c.patch_size,
                     self.plans.n_outputs,
                     step=self.step,
-                    mirror_axes=axes,
+                    mirror_axes=tuple(c.augmentation.mirror_axes),
                     mirror_mode=self.mirror_mode,
                     tile_batch=tiles,
                     device=self.device,
                     autocast_dtype=self.autocast,
                 )
+
+            if c.ndim == 2 and data.ndim == 4:  # 2D network on a 3D case: slice by slice
+                logits = torch.stack([window(data[:, z]) for z in range(data.shape[1])], dim=1)
+            else:
+                logits = window(data)
             probs = _to_probabilities_(logits, regions=bool(self.plans.regions)).numpy()
             member_labels.append(probabilities_to_labels(probs, self.plans))
             if mean is None:
@@ -246,7 +279,7 @@ class Predictor:
         member_maps: list[np.ndarray] = []
         for config, members in self.members.items():
             data, _, props = preprocess_case(image, None, geometry, self.plans, config)
-            mean, labels = self._config_probabilities(config, data, members)
+            mean, labels = self._config_probabilities(data, members)
             fill = [0.0] * k if self.plans.regions else None
             if total is None:
                 total = revert(mean, props, is_label=False, fill=fill)

@@ -15,7 +15,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -26,6 +26,7 @@ import torch
 from autoseg.errors import TrainingError
 from autoseg.files import write_text_atomic
 from autoseg.networks.builder import build_network
+from autoseg.planning.overrides import apply_overrides
 from autoseg.planning.plans import Configuration, Plans, load_plans
 from autoseg.preprocessing.store import list_cases, preprocessed_folder, read_case, read_class_locations
 from autoseg.serialization import to_jsonable
@@ -184,17 +185,21 @@ def train_fold(
     fold: int | str,
     *,
     plans: Plans | None = None,
+    overrides: Sequence[str] = (),
     options: TrainOptions = TrainOptions(),
     on_epoch_end: EpochCallback | None = None,
 ) -> Path:
     """Train configuration ``config`` of ``RUN/plans.json`` on cross-validation fold ``fold`` (or ``"all"``).
 
-    Writes ``RUN/models/<config>/fold_<k>/``: ``checkpoint_latest.pt`` every epoch, ``checkpoint_best.pt`` (EMA of
-    the validation pseudo-Dice), ``checkpoint_final.pt``, ``log.jsonl``, ``training.log`` and
-    ``training_curve.png``. ``on_epoch_end(epoch, record)`` may return True to stop (pruning). Returns the folder.
+    ``plans`` replaces ``RUN/plans.json``; ``overrides`` (``key=value``, as ``autoseg train --set``) are applied on
+    top. Writes ``RUN/models/<config>/fold_<k>/``: ``configuration.json`` (the configuration trained, overrides
+    included and listed in its ``why``), ``checkpoint_latest.pt`` every epoch, ``checkpoint_best.pt`` (EMA of the
+    validation pseudo-Dice), ``checkpoint_final.pt`` (each with the configuration and the override strings, from
+    which prediction rebuilds the network), ``log.jsonl``, ``training.log`` and ``training_curve.png``.
+    ``on_epoch_end(epoch, record)`` may return True to stop (pruning). Returns the folder.
     """
     run_dir = Path(run_dir)
-    plans = plans or load_plans(run_dir)
+    plans = apply_overrides(plans or load_plans(run_dir), overrides)
     if config not in plans.configurations:
         raise TrainingError(
             f"configuration {config!r} not in {run_dir / 'plans.json'}; available: {', '.join(plans.configurations)}"
@@ -204,7 +209,7 @@ def train_fold(
     out.mkdir(parents=True, exist_ok=True)
     handler, previous_level = _setup_logging(out)
     try:
-        return _train(run_dir, plans, c, fold, out, options, on_epoch_end)
+        return _train(run_dir, plans, c, fold, out, tuple(overrides), options, on_epoch_end)
     finally:
         logging.getLogger("autoseg").removeHandler(handler)
         logging.getLogger("autoseg").setLevel(previous_level)
@@ -217,6 +222,7 @@ def _train(
     c: Configuration,
     fold: int | str,
     out: Path,
+    overrides: tuple[str, ...],
     options: TrainOptions,
     on_epoch_end: EpochCallback | None,
 ) -> Path:
@@ -264,8 +270,12 @@ def _train(
         torch.set_rng_state(state["torch_rng"])
         start_epoch, best_ema, history = state["epoch"], state["best_ema"], json.loads(state["history"])
         log.info("resuming %s fold %s at epoch %d", c.name, fold, start_epoch)
+    # what this fold is trained with, kept in every checkpoint: prediction rebuilds the network from it
+    provenance = {"configuration": json.dumps(to_jsonable(c)), "overrides": list(overrides)}
     if main:
-        (out / "configuration.json").write_text(json.dumps(to_jsonable(c), indent=2) + "\n")
+        write_text_atomic(out / "configuration.json", json.dumps(to_jsonable(c), indent=2) + "\n")
+        if overrides:
+            log.info("%s fold %s: plan overrides %s", c.name, fold, " ".join(overrides))
     rank_seed = seed + (7919 * ddp.rank if ddp is not None else 0)
     per_rank = dataclasses.replace(c, batch_size=ddp.local_batch(c.batch_size)) if ddp is not None else c
     train_recipe, val_recipe = _recipes(plans, per_rank, train_ids, val_ids, n_ds, rank_seed)
@@ -305,7 +315,7 @@ def _train(
             )
             if not main:
                 continue
-            best_ema = _finish_epoch(out, record, history, model, optimizer, scaler, c, best_ema)
+            best_ema = _finish_epoch(out, record, history, model, optimizer, scaler, c, best_ema, provenance)
             if on_epoch_end is not None and on_epoch_end(epoch, record):
                 log.info("stopped after epoch %d by the caller (e.g. pruned by the search)", epoch)
                 return out
@@ -395,7 +405,15 @@ def _run_epoch(
 
 
 def _finish_epoch(
-    out: Path, record: dict, history: list[dict], network, optimizer, scaler, c: Configuration, best_ema: float
+    out: Path,
+    record: dict,
+    history: list[dict],
+    network,
+    optimizer,
+    scaler,
+    c: Configuration,
+    best_ema: float,
+    provenance: dict,
 ) -> float:
     ema = record["mean_fg_dice"] if not history else 0.9 * history[-1]["ema_dice"] + 0.1 * record["mean_fg_dice"]
     record["ema_dice"] = ema
@@ -408,7 +426,7 @@ def _finish_epoch(
         "epoch": record["epoch"] + 1,
         "best_ema": max(best_ema, ema),
         "history": json.dumps(history),
-        "configuration": json.dumps(to_jsonable(c)),
+        **provenance,
     }
     save_checkpoint(out / "checkpoint_latest.pt", state)
     if ema > best_ema:
