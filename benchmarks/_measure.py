@@ -84,6 +84,26 @@ def write_results(name: str, payload: dict) -> Path:
     return path
 
 
+def add_run(name: str, header: dict, group: str, key: str, entry: dict) -> Path:
+    """Add ``entry`` as ``runs[group][key]`` of ``results/<name>.json``, keeping every run already there.
+
+    ``header`` says what the file holds (e.g. the dataset); a new file starts with it and an existing file must have
+    the same, else ValueError (use another name). An entry already under ``group``/``key`` is replaced, with a notice.
+    """
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    data = json.loads(path.read_text()) if path.is_file() else {**header, "runs": {}}
+    differs = {k: (data.get(k), v) for k, v in header.items() if data.get(k) != v}
+    if differs:
+        raise ValueError(f"{path} holds other results ({differs}); pass another results name")
+    runs = data["runs"].setdefault(group, {})
+    if key in runs:
+        print(f"{path}: replacing the run {group}/{key}", file=sys.stderr)
+    runs[key] = entry
+    path.write_text(json.dumps(data, indent=2) + "\n")
+    return path
+
+
 def print_table(rows: list[dict], columns: list[str]) -> None:
     widths = {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in columns}
     print("  ".join(c.ljust(widths[c]) for c in columns))

@@ -1,10 +1,15 @@
 """Glue of ``end_to_end.py``: pinned stages with a deadline, and nnU-Net v2's trainer sized to a wall-clock budget.
 
 nnU-Net runs from its own virtual environment (``NNUNET_PYTHON``); nothing here imports it. Its training length is
-changed the way nnU-Net users change it, by a trainer subclass in ``nnunetv2/training/nnUNetTrainer/variants/``
-(like the stock ``nnUNetTrainer_Xepochs`` variants); :data:`TRAINER_SOURCE` is that file, written into the
-benchmark-only venv at run time. A short probe run of the same trainer measures nnU-Net's real iteration time
-(data loading and augmentation included) and :func:`fit_schedule` turns it into epochs x iterations that fit.
+changed the way nnU-Net users change it, by a trainer subclass inside ``nnunetv2/training/nnUNetTrainer/`` (like the
+stock ``nnUNetTrainer_Xepochs`` variants); :data:`TRAINER_SOURCE` is that file, written into the benchmark-only venv
+at run time. A short probe run of the same trainer measures nnU-Net's real iteration time (data loading and
+augmentation included) and :func:`fit_schedule` turns it into epochs x iterations that fit.
+
+The file sits at the top of ``nnUNetTrainer/``, not in ``variants/``: nnU-Net finds a trainer by importing that
+package's modules, the top level first and then the subpackages in name order, and its ``primus`` subpackage (before
+``variants``) imports timm, which imports torchvision; the benchmark venv has the CPU build of torch and no torchvision
+to match it (the registry's Linux torchvision wheels need CUDA torch), so reaching ``primus`` would fail.
 """
 
 from __future__ import annotations
@@ -29,9 +34,11 @@ PROBE_ITERATIONS, PROBE_VAL_ITERATIONS = 8, 3
 STOCK_EPOCHS, STOCK_ITERATIONS, STOCK_VAL_RATIO = 1000, 250, 50 / 250
 #: Fewest iterations per epoch, and the epoch count the schedule aims for when iterations must shrink.
 MIN_ITERATIONS, TARGET_EPOCHS = 10, 20
+#: Epochs of a budget too small for one epoch of MIN_ITERATIONS.
+SHORT_EPOCHS = 4
 
 TRAINER_FILE = "nnUNetTrainer_autoseg_e2e.py"
-TRAINER_SOURCE = '''"""Written by autoseg's benchmarks/end_to_end.py (benchmark only; safe to delete).
+TRAINER_SOURCE = '''"""Written by autoseg's benchmarks/end_to_end.py or real.py (benchmark only; safe to delete).
 
 nnU-Net's default trainer with only the training length changed, as in the stock _Xepochs variants, plus what a
 one-core wall-clock budget needs: one torch thread (the process is pinned to one core), a checkpoint every epoch
@@ -74,6 +81,8 @@ class _E2EBudgetTrainer(nnUNetTrainer):
         super().on_train_start()
         self.e2e["parameters"] = sum(p.numel() for p in self.network.parameters())
         self.e2e["threads"] = torch.get_num_threads()
+        self.e2e["mirror_axes"] = [int(a) for a in self.inference_allowed_mirroring_axes or ()]
+        self.e2e["batch_size"] = self.batch_size
 
     def on_epoch_start(self):
         self.e2e["epoch_starts"].append(time.time())
@@ -133,16 +142,18 @@ class Schedule:
 
 
 def trainer_folder() -> Path:
-    """``variants/training_length`` of the nnU-Net venv (where the trainer file goes)."""
+    """``training/nnUNetTrainer`` of the nnU-Net venv (where the trainer file goes; see the module docstring)."""
     code = "import os, nnunetv2; print(os.path.dirname(nnunetv2.__file__))"
     root = subprocess.run([NNUNET_PYTHON, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
-    return Path(root) / "training" / "nnUNetTrainer" / "variants" / "training_length"
+    return Path(root) / "training" / "nnUNetTrainer"
 
 
 def write_trainers(schedule: Schedule | None) -> Path:
     """Write the probe and (once ``schedule`` is known) the budget trainer into nnU-Net's venv."""
     s = schedule or Schedule(1, PROBE_ITERATIONS, PROBE_VAL_ITERATIONS, 0, 0, 0, 0, 0, "")
-    path = trainer_folder() / TRAINER_FILE
+    folder = trainer_folder()
+    (folder / "variants" / "training_length" / TRAINER_FILE).unlink(missing_ok=True)  # where earlier runs wrote it
+    path = folder / TRAINER_FILE
     path.write_text(
         TRAINER_SOURCE.format(
             probe_iterations=PROBE_ITERATIONS,
@@ -160,6 +171,9 @@ def fit_schedule(stats: dict, probe_wall_s: float, budget_s: float, *, margin: f
 
     Iterations per epoch stay at nnU-Net's 250 when at least 20 such epochs fit; otherwise they shrink (to at least
     10) so that the poly learning-rate schedule still has ~20 epochs. Validation iterations keep nnU-Net's 1:5 ratio.
+    When not even one epoch of 10 iterations fits, what fits is split into ~:data:`SHORT_EPOCHS` epochs (at least 1
+    iteration and 1 validation iteration each): a run stopped at the budget keeps the checkpoint of its last full
+    epoch, and one long epoch that overran the estimate would leave none to predict with.
     """
     train, val = stats["train_starts"], stats["val_starts"]
     t = statistics.median(b - a for a, b in zip(train[1:-1], train[2:]))
@@ -172,6 +186,9 @@ def fit_schedule(stats: dict, probe_wall_s: float, budget_s: float, *, margin: f
     iterations = int(min(STOCK_ITERATIONS, max(MIN_ITERATIONS, round(total_iterations / TARGET_EPOCHS))))
     val_iterations = max(1, round(STOCK_VAL_RATIO * iterations))
     per_epoch = iterations * t + val_iterations * v + fixed
+    if per_epoch > available:
+        iterations, val_iterations = max(1, round(total_iterations / SHORT_EPOCHS)), 1
+        per_epoch = iterations * t + val_iterations * v + fixed
     epochs = int(min(STOCK_EPOCHS, max(1, available // per_epoch)))
     estimate = startup + epochs * per_epoch
     why = (

@@ -19,6 +19,9 @@ Training starts for both at the same moment and is stopped at the budget if stil
 the latest checkpoints). Planning, preprocessing and prediction are timed and reported, outside the budget. Both
 tools' predictions are scored by ``autoseg evaluate`` against ``labelsTs``. Prints a table and writes
 ``benchmarks/results/<--name>.json``.
+
+The sides, :func:`run_sides` and :func:`evaluate_summary` are shared with ``real.py`` (the same comparison on real
+datasets); the nnU-Net dataset and configuration are an :class:`NnUNetTask`.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import sys
 import threading
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -37,8 +41,21 @@ sys.path.insert(0, str(HERE))
 import _nnunet_e2e as nn  # noqa: E402
 from _measure import NNUNET_PYTHON, print_table, write_results  # noqa: E402
 
-DATASET_ID, DATASET = 905, "Dataset905_E2ESynthCT"
 AUTOSEG = [sys.executable, "-m", "autoseg.cli"]
+
+
+@dataclass(frozen=True)
+class NnUNetTask:
+    """What nnU-Net trains: its dataset id and folder name (``DatasetNNN_Name``) and its configuration."""
+
+    dataset_id: int
+    dataset: str
+    configuration: str  # 3d_fullres for 3D data, 2d for 2D data
+
+
+SYNTH_CT = NnUNetTask(905, "Dataset905_E2ESynthCT", "3d_fullres")
+#: nnU-Net's checkpoints, in the order prediction prefers them (latest: training was stopped at the budget).
+CHECKPOINTS = ("checkpoint_final.pth", "checkpoint_latest.pth")
 
 
 def nnunet_cmd(name: str) -> str:
@@ -101,6 +118,10 @@ class Autoseg(Side):
 
 
 class NnUNet(Side):
+    def __init__(self, *args, task: NnUNetTask, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.task = task
+
     def env(self) -> dict[str, str]:
         return {
             "nnUNet_raw": str(self.work / "nnUNet_raw"),
@@ -113,18 +134,20 @@ class NnUNet(Side):
         return {**self.env(), "nnUNet_n_proc_DA": "0"}
 
     def model_dir(self, trainer: str) -> Path:
-        return self.work / "nnUNet_results" / DATASET / f"{trainer}__nnUNetPlans__3d_fullres"
+        return self.work / "nnUNet_results" / self.task.dataset / f"{trainer}__nnUNetPlans__{self.task.configuration}"
 
     def train_cmd(self, trainer: str) -> list[str]:
-        return [nnunet_cmd("nnUNetv2_train"), str(DATASET_ID), "3d_fullres", "all", "-tr", trainer, "-device", "cpu"]
+        task = self.task
+        args = [str(task.dataset_id), task.configuration, "all", "-tr", trainer, "-device", "cpu"]
+        return [nnunet_cmd("nnUNetv2_train"), *args]
 
     def prepare(self, data: Path) -> None:
-        dataset = str(DATASET_ID)
+        dataset = str(self.task.dataset_id)
         self.stage(
             "fingerprint", [nnunet_cmd("nnUNetv2_extract_fingerprint"), "-d", dataset, "-np", "1"], env=self.env()
         )
         self.stage("plan", [nnunet_cmd("nnUNetv2_plan_experiment"), "-d", dataset], env=self.env())
-        cmd = [nnunet_cmd("nnUNetv2_preprocess"), "-d", dataset, "-c", "3d_fullres", "-np", "1"]
+        cmd = [nnunet_cmd("nnUNetv2_preprocess"), "-d", dataset, "-c", self.task.configuration, "-np", "1"]
         self.stage("preprocess", cmd, env=self.env())
         nn.write_trainers(None)
         probe = self.stage("probe", self.train_cmd("nnUNetTrainerE2EProbe"), env=self.train_env())
@@ -138,15 +161,13 @@ class NnUNet(Side):
 
     def predict(self, data: Path) -> None:
         model = self.model_dir("nnUNetTrainerE2EBudget")
-        chk = (
-            "checkpoint_final.pth"
-            if (model / "fold_all" / "checkpoint_final.pth").is_file()
-            else "checkpoint_latest.pth"
-        )
+        chk = next((c for c in CHECKPOINTS if (model / "fold_all" / c).is_file()), None)
+        if chk is None:
+            raise RuntimeError(f"{model / 'fold_all'}: no checkpoint; the budget ended before the first epoch did")
         script = str(HERE / "_nnunet_e2e_predict.py")
         out = self.work / "pred_nnunet"
         self.stage("predict", [NNUNET_PYTHON, script, str(model), "all", chk, str(data / "imagesTs"), str(out)])
-        self.facts = nnunet_facts(self.work, model, self.schedule, chk)
+        self.facts = nnunet_facts(self.work, model, self.schedule, chk, self.task)
 
 
 def autoseg_facts(run: Path) -> dict:
@@ -167,6 +188,8 @@ def autoseg_facts(run: Path) -> dict:
             "batch_size": c.batch_size,
             "features_per_stage": list(c.network.features_per_stage),
             "parameters": sum(p.numel() for p in net.parameters()),
+            "mirror_axes": list(c.augmentation.mirror_axes),
+            "precision": c.training.precision,
             "epochs": c.training.epochs,
             "iterations_per_epoch": c.training.iterations_per_epoch,
             "folds_trained": {f.name: (f / "checkpoint_final.pt").is_file() for f in folds},
@@ -182,20 +205,21 @@ def autoseg_facts(run: Path) -> dict:
     }
 
 
-def nnunet_facts(work: Path, model: Path, schedule: nn.Schedule, checkpoint: str) -> dict:
+def nnunet_facts(work: Path, model: Path, schedule: nn.Schedule, checkpoint: str, task: NnUNetTask) -> dict:
     """Key facts of nnU-Net's plan and of the training it did."""
-    plans = json.loads((work / "nnUNet_preprocessed" / DATASET / "nnUNetPlans.json").read_text())
-    c = plans["configurations"]["3d_fullres"]
+    plans = json.loads((work / "nnUNet_preprocessed" / task.dataset / "nnUNetPlans.json").read_text())
+    c = plans["configurations"][task.configuration]
     stats = nn.read_stats(model / "fold_all")
     arch = c["architecture"]["arch_kwargs"]
     epochs_done = len(stats.get("epoch_ends", []))
     return {
-        "configuration": "3d_fullres",
+        "configuration": task.configuration,
         "fold": "all",
         "patch_size": c["patch_size"],
         "batch_size": c["batch_size"],
         "features_per_stage": arch["features_per_stage"],
         "parameters": stats.get("parameters"),
+        "mirror_axes": stats.get("mirror_axes"),
         "schedule": nn.schedule_dict(schedule),
         "epochs_done": epochs_done,
         "iterations_done": epochs_done * schedule.iterations,
@@ -203,12 +227,37 @@ def nnunet_facts(work: Path, model: Path, schedule: nn.Schedule, checkpoint: str
     }
 
 
+def evaluate_summary(pred: Path, gt: Path, out: Path, *, labels: list[int] | None = None, cpu: int = 0) -> dict:
+    """``autoseg evaluate`` (the same code for both tools): its ``summary.json``, plus ``wall_s``."""
+    cmd = [*AUTOSEG, "evaluate", str(pred), str(gt), "-o", str(out), "-j", "1"]
+    result = nn.run_stage(cmd + (["--labels", *map(str, labels)] if labels else []), out / "log", cpu=cpu)
+    return {**json.loads((out / "summary.json").read_text()), "wall_s": result["wall_s"]}
+
+
 def evaluate(pred: Path, gt: Path, out: Path, names: dict[str, str]) -> dict:
     """Dice per class and foreground mean from ``autoseg evaluate`` (the same code for both tools)."""
-    result = nn.run_stage([*AUTOSEG, "evaluate", str(pred), str(gt), "-o", str(out), "-j", "1"], out / "log", cpu=0)
-    summary = json.loads((out / "summary.json").read_text())
+    summary = evaluate_summary(pred, gt, out)
     dice = {names.get(k, k): round(v["dice"]["mean"], 4) for k, v in summary["per_class"].items()}
-    return {"dice": dice, "mean_dice": round(summary["foreground_mean"]["dice"], 4), "wall_s": result["wall_s"]}
+    return {"dice": dice, "mean_dice": round(summary["foreground_mean"]["dice"], 4), "wall_s": summary["wall_s"]}
+
+
+def run_sides(data: Path, work: Path, budget_s: float, cores: list[int], task: NnUNetTask) -> list[Side]:
+    """Both tools side by side on ``data`` (an nnU-Net raw dataset folder under ``work/nnUNet_raw``), each pinned to
+    its core, training started and ended together; raises SystemExit when a side failed."""
+    barrier = threading.Barrier(2)
+    sides = [
+        Autoseg("autoseg", work, cores[0], budget_s, barrier),
+        NnUNet("nnunet", work, cores[1], budget_s, barrier, task=task),
+    ]
+    threads = [threading.Thread(target=s.run, args=(data,)) for s in sides]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    failed = [s for s in sides if s.error]
+    if failed:
+        raise SystemExit(f"{', '.join(s.name for s in failed)} failed; logs in {work / 'logs'}")
+    return sides
 
 
 def main() -> None:
@@ -223,26 +272,14 @@ def main() -> None:
     args = parser.parse_args()
 
     shutil.rmtree(args.work, ignore_errors=True)
-    data = args.work / "nnUNet_raw" / DATASET
+    data = args.work / "nnUNet_raw" / SYNTH_CT.dataset
     synth = [*AUTOSEG, "synth", str(data), "--kind", "ct3d", "--cases", str(args.cases)]
     nn.run_stage(
         synth + ["--test-cases", str(args.test_cases), "--seed", str(args.seed)],
         args.work / "logs" / "synth.log",
         cpu=0,
     )
-    budget_s = args.minutes * 60
-    barrier = threading.Barrier(2)
-    sides = [Autoseg("autoseg", args.work, args.cores[0], budget_s, barrier)]
-    sides.append(NnUNet("nnunet", args.work, args.cores[1], budget_s, barrier))
-    threads = [threading.Thread(target=s.run, args=(data,)) for s in sides]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    failed = [s for s in sides if s.error]
-    if failed:
-        raise SystemExit(f"{', '.join(s.name for s in failed)} failed; logs in {args.work / 'logs'}")
-
+    sides = run_sides(data, args.work, args.minutes * 60, args.cores, SYNTH_CT)
     labels = json.loads((data / "dataset.json").read_text())["labels"]
     names = {str(v): k for k, v in labels.items()}
     scores = {
@@ -283,13 +320,16 @@ def main() -> None:
     print(f"wrote {write_results(args.name, payload)}")
 
 
-def table_row(side: Side, score: dict) -> dict:
-    """One tool's line of the table: stage times, iterations trained, Dice, peak memory."""
-    st, facts = side.stages, side.facts
+def iterations_done(side: Side) -> int:
+    """Training iterations the tool ran (autoseg: summed over every configuration and fold it trained)."""
     if side.name == "autoseg":
-        iterations = sum(c["iterations_done"] for c in facts["configurations"].values())
-    else:
-        iterations = facts["iterations_done"]
+        return sum(c["iterations_done"] for c in side.facts["configurations"].values())
+    return side.facts["iterations_done"]
+
+
+def stage_row(side: Side) -> dict:
+    """Stage times (nnU-Net's probe counted with planning), whether training hit the budget, iterations, peak RSS."""
+    st = side.stages
     return {
         "tool": side.name,
         "fingerprint_s": st["fingerprint"]["wall_s"],
@@ -297,14 +337,18 @@ def table_row(side: Side, score: dict) -> dict:
         "preprocess_s": st["preprocess"]["wall_s"],
         "train_s": st["train"]["wall_s"],
         "stopped": st["train"]["stopped_at_budget"],
-        "iterations": iterations,
-        **score["dice"],
-        "mean_dice": score["mean_dice"],
+        "iterations": iterations_done(side),
         "select_s": st.get("select", {}).get("wall_s", "-"),
         "predict_s": st["predict"]["wall_s"],
         "train_rss_mib": st["train"]["peak_rss_mib"],
         "predict_rss_mib": st["predict"]["peak_rss_mib"],
     }
+
+
+def table_row(side: Side, score: dict) -> dict:
+    """One tool's line of the table: stage times, iterations trained, Dice, peak memory."""
+    row = stage_row(side)
+    return {**row, **score["dice"], "mean_dice": score["mean_dice"]}
 
 
 if __name__ == "__main__":
