@@ -111,10 +111,15 @@ class Autoseg(Side):
         finished = not self.stages["train"]["stopped_at_budget"]
         if finished:
             self.stage("select", [*AUTOSEG, "select", str(self.run_dir)])
-        out = self.work / "pred_autoseg"
-        cmd = [*AUTOSEG, "predict", "-m", str(self.run_dir), "-i", str(data / "imagesTs"), "-o", str(out)]
-        self.stage("predict", cmd + ["--device", "cpu"] + ([] if finished else ["--checkpoint", "latest"]))
+        self.predict_to("predict", data, self.work / "pred_autoseg")
         self.facts = autoseg_facts(self.run_dir)
+
+    def predict_to(self, stage: str, data: Path, out: Path, *extra: str) -> dict:
+        """``autoseg predict`` of ``imagesTs`` into ``out`` (the final checkpoints, or the latest when training was
+        stopped at the budget); ``extra`` flags such as nnU-Net's settings for an equal-settings row."""
+        finished = not self.stages["train"]["stopped_at_budget"]
+        cmd = [*AUTOSEG, "predict", "-m", str(self.run_dir), "-i", str(data / "imagesTs"), "-o", str(out)]
+        return self.stage(stage, cmd + ["--device", "cpu", *extra] + ([] if finished else ["--checkpoint", "latest"]))
 
 
 class NnUNet(Side):

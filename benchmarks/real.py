@@ -47,6 +47,9 @@ from _measure import NNUNET_PYTHON, add_run, machine, print_table  # noqa: E402
 from autoseg.evaluation.statistics import paired_bootstrap  # noqa: E402
 
 TOOLS = ("autoseg", "nnunet")
+#: autoseg predicting with nnU-Net's prediction settings (every flip combination, fp32): the equal-settings row.
+EQUAL = "autoseg_nnunet_settings"
+EQUAL_FLAGS = ("--mirror", "all", "--precision", "fp32")
 RESULTS_FORMAT = 1
 
 
@@ -97,23 +100,23 @@ def compare(summaries: dict[str, dict], metrics: list[str], classes: dict[str, s
     Returns ``(statistics, per_case_values)``; ``classes`` maps label value (str) to name.
     """
     stats: dict[str, dict] = {}
-    cases: dict[str, dict] = {tool: {} for tool in TOOLS}
+    cases: dict[str, dict] = {tool: {} for tool in summaries}
+    ours = [t for t in summaries if t != "nnunet"]
     for metric in metrics:
         ids, values = {}, {}
-        for tool in TOOLS:
+        for tool in summaries:
             ids[tool], values[tool] = per_case(summaries[tool], metric, list(classes))
-        if ids["autoseg"] != ids["nnunet"]:
+        if any(ids[t] != ids["nnunet"] for t in ours):
             raise RuntimeError(f"the tools' predictions cover different cases: {ids}")
         stats[metric] = {}
         for k in [*classes, "mean"]:
-            a, b = values["autoseg"][k], values["nnunet"][k]
-            stats[metric][classes.get(k, k)] = {
-                "autoseg": interval(a, None, resamples=resamples, seed=seed),
-                "nnunet": interval(b, None, resamples=resamples, seed=seed),
-                "autoseg_minus_nnunet": interval(a, b, resamples=resamples, seed=seed),
-            }
-            for tool, v in (("autoseg", a), ("nnunet", b)):
-                for case, x in zip(ids[tool], v):
+            b = values["nnunet"][k]
+            entry = {t: interval(values[t][k], None, resamples=resamples, seed=seed) for t in summaries}
+            for t in ours:
+                entry[f"{t}_minus_nnunet"] = interval(values[t][k], b, resamples=resamples, seed=seed)
+            stats[metric][classes.get(k, k)] = entry
+            for tool in summaries:
+                for case, x in zip(ids[tool], values[tool][k]):
                     entry = cases[tool].setdefault(case, {}).setdefault(classes.get(k, k), {})
                     entry[metric] = None if not math.isfinite(x) else round(float(x), 4)
     return stats, cases
@@ -154,6 +157,12 @@ def tool_settings(sides: dict[str, e2e.Side]) -> dict:
                     "training_precision": "fp32" if c["precision"] in ("auto", "fp32") else c["precision"],
                 }
                 for name, c in autoseg["configurations"].items()
+            },
+            "prediction_nnunet_settings": {
+                "row": EQUAL,
+                "flags": list(EQUAL_FLAGS),
+                "mirroring": "every flip combination (as nnU-Net)",
+                "precision": "fp32",
             },
             "prediction": {
                 "mirroring": "--mirror auto: one flip per axis on a CPU (not every combination)",
@@ -207,8 +216,11 @@ def run_budget(ds: _realdata.RealDataset, minutes: float, args: argparse.Namespa
 
     classes = {str(v): k for k, v in ds.labels.items() if v != 0}
     labels = [int(k) for k in classes]
+    # equal-settings row: the same autoseg model, predicting with nnU-Net's flips and precision
+    sides["autoseg"].predict_to("predict_nnunet_settings", data, work / f"pred_{EQUAL}", *EQUAL_FLAGS)
     summaries = {
-        t: e2e.evaluate_summary(work / f"pred_{t}", data / "labelsTs", work / f"eval_{t}", labels=labels) for t in TOOLS
+        t: e2e.evaluate_summary(work / f"pred_{t}", data / "labelsTs", work / f"eval_{t}", labels=labels)
+        for t in (*TOOLS, EQUAL)
     }
     metrics = ["dice", "hd95_mm"] if ds.dim == 3 else ["dice"]
     stats, cases = compare(summaries, metrics, classes, resamples=args.resamples, seed=args.seed)
@@ -222,7 +234,8 @@ def run_budget(ds: _realdata.RealDataset, minutes: float, args: argparse.Namespa
     columns = ["tool", "fingerprint_s", "plan_s", "preprocess_s", "train_s", "stopped", "iterations", "select_s"]
     print_table(rows, columns + ["predict_s", "train_rss_mib", "predict_rss_mib"])
     print()
-    print_table(metric_rows(stats), ["metric", "class", "autoseg", "nnunet", "autoseg_minus_nnunet"])
+    columns = ["metric", "class", "autoseg", "nnunet", "autoseg_minus_nnunet", EQUAL, f"{EQUAL}_minus_nnunet"]
+    print_table(metric_rows(stats), columns)
 
     entry = {
         "started": started,
