@@ -44,6 +44,7 @@ AUDIT: dict[str, tuple[str, str | None, str]] = {
     "search.json": ("2026-11-26 17:44", STALE, "before later trainer fixes; rule CV reused from an earlier run"),
     "search_short.json": ("2026-11-26 16:39", OLD, "before the step-pricing and interpolation fixes"),
     "search_flop_priced.json": ("2026-11-26 16:56", OLD, "steps priced by FLOPs; lost on the folds not selected on"),
+    "fold_compare_class_balance_isbi_em.json": ("2026-12-07T09:49:28", None, ""),
 }
 Data = dict[str, Any]
 Cells = tuple[str, str, str, str, str]  # benchmark, autoseg, nnU-Net v2, comparison, conditions
@@ -233,6 +234,9 @@ def real(d: Data) -> Iterator[Cells]:
             split, m = e["split"], e["machine"]
             what = f"real data, {d['dataset']}, {e['budget_minutes']:g} min training each ({group})"
             comp = f"Dice autoseg - nnU-Net, foreground mean, paired: {_ci(dice['mean']['autoseg_minus_nnunet'])}"
+            equal = dice["mean"].get("autoseg_nnunet_settings_minus_nnunet")
+            if equal is not None:  # the same autoseg model predicting with nnU-Net's flips and precision
+                comp += f"; with nnU-Net's prediction settings (all flips, fp32): {_ci(equal)}"
             n_train, n_test = len(split["train_cases"]), len(split["test_cases"])
             data = f"{n_train} training / {n_test} test cases (split seed {split['seed']})"
             flips = "; ".join(
@@ -244,10 +248,26 @@ def real(d: Data) -> Iterator[Cells]:
             yield what, *cells, comp, f"{data}; prediction {flips}; 95% bootstrap over test cases; {where}, {started}"
 
 
+def fold_compare(d: Data) -> Iterator[Cells]:
+    """``fold_compare_<name>.json`` of benchmarks/fold_compare.py: plan variants on one cross-validation fold of the
+    training part (never the test split); one row per variant, the first is the reference."""
+    for started, e in d["runs"]["comparisons"].items():
+        first = next(iter(e["statistics"]))
+        for label, stats in e["statistics"].items():
+            v = e["variants"][label]
+            c = v["configuration"]
+            setting = f"{c['loss']['name']}, oversampling {c['foreground_oversampling']}"
+            cell = f"Dice {_ci(stats['mean'])}; {v['iterations']} it ({setting})"
+            comp = "reference" if label == first else f"minus {first}: {_ci(stats['mean']['minus_' + first])}"
+            n = len(e["validation_cases"])
+            cond = f"{e['config']} fold {e['fold']} of the training part, {n} validation cases; {e['what']}; {started}"
+            yield f"plan variant '{label}' (cross-validation fold)", cell, "-", comp, cond
+
+
 #: Row builders in table order; each reads the files ``<its name>*.json``.
 BUILDERS: tuple[Callable[[Data], Iterator[Cells]], ...] = (
     fingerprint, preprocess, dataloader, train_step, inference, train_cpu_plan, precision, end_to_end, real,
-    memory_model, search,
+    memory_model, search, fold_compare,
 )  # fmt: skip
 
 
