@@ -2,7 +2,8 @@
 
     flock /tmp/autoseg-bench.lock python benchmarks/end_to_end.py [--minutes 20] [--cases 20] [--test-cases 10]
 
-One synthetic CT dataset (``autoseg synth --kind ct3d``, nnU-Net v2 layout, truth of the held-out cases in
+One synthetic CT dataset (``autoseg synth --kind ct3d_hard``: oblique scans, overlapping intensities, two tiny
+classes; a fresh seed every run unless ``--seed`` reproduces one; nnU-Net v2 layout, truth of the held-out cases in
 ``labelsTs/``) is both tools' raw data. Both tools run AT THE SAME TIME, each pinned to its own core (autoseg on
 ``--cores[0]``, nnU-Net on ``--cores[1]``) with one torch thread and no data-loader processes, so both get exactly
 one core and see the same background load. Each tool plans with its own planner and defaults:
@@ -39,7 +40,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import _nnunet_e2e as nn  # noqa: E402
-from _measure import NNUNET_PYTHON, print_table, write_results  # noqa: E402
+from _measure import NNUNET_PYTHON, evaluation_seed, print_table, write_results  # noqa: E402
 
 AUTOSEG = [sys.executable, "-m", "autoseg.cli"]
 
@@ -270,7 +271,8 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=20.0, help="training budget of each tool (default 20)")
     parser.add_argument("--cases", type=int, default=20)
     parser.add_argument("--test-cases", type=int, default=10)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=None, help="synthetic seed (default: a fresh one per run)")
+    parser.add_argument("--kind", default="ct3d_hard", choices=["ct3d", "ct3d_hard"], help="default ct3d_hard")
     parser.add_argument("--cores", type=int, nargs=2, default=[0, 1], metavar=("AUTOSEG", "NNUNET"))
     parser.add_argument("--work", type=Path, default=HERE / "work" / "end_to_end")
     parser.add_argument("--name", default="end_to_end", help="results file name (default end_to_end)")
@@ -278,7 +280,9 @@ def main() -> None:
 
     shutil.rmtree(args.work, ignore_errors=True)
     data = args.work / "nnUNet_raw" / SYNTH_CT.dataset
-    synth = [*AUTOSEG, "synth", str(data), "--kind", "ct3d", "--cases", str(args.cases)]
+    args.seed, seed_source = evaluation_seed(args.seed)
+    print(f"synthetic {args.kind}, seed {args.seed} ({seed_source})", flush=True)
+    synth = [*AUTOSEG, "synth", str(data), "--kind", args.kind, "--cases", str(args.cases)]
     nn.run_stage(
         synth + ["--test-cases", str(args.test_cases), "--seed", str(args.seed)],
         args.work / "logs" / "synth.log",
@@ -307,7 +311,8 @@ def main() -> None:
             "cases": args.cases,
             "test_cases": args.test_cases,
             "seed": args.seed,
-            "kind": "ct3d",
+            "seed_source": seed_source,
+            "kind": args.kind,
             "cores": {"autoseg": args.cores[0], "nnunet": args.cores[1]},
             "threads_per_tool": 1,
             "data_loader_processes": 0,

@@ -21,19 +21,21 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _measure import print_table, run_measured, write_results  # noqa: E402
+from _measure import evaluation_seed, print_table, run_measured, write_results  # noqa: E402
 
 AUTOSEG = [sys.executable, "-m", "autoseg.cli"]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--kind", default="ct3d", choices=["ct3d", "mr3d", "2d"])
+    parser.add_argument("--kind", default="ct3d_hard", choices=["ct3d", "ct3d_hard", "mr3d", "2d"])
     parser.add_argument("--cases", type=int, default=20)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=None, help="synthetic seed (default: a fresh one per run)")
     parser.add_argument("--config", default="3d_fullres")
     parser.add_argument("--work", type=Path, default=HERE / "work" / "train_cpu_plan")
     args = parser.parse_args()
+    args.seed, seed_source = evaluation_seed(args.seed)
+    print(f"synthetic {args.kind}, seed {args.seed} ({seed_source})", flush=True)
     shutil.rmtree(args.work, ignore_errors=True)
     data, run = args.work / "data", args.work / "run"
     stages = {}
@@ -68,6 +70,7 @@ def main() -> None:
     print("validation Dice per class (full resolution, fold 0):", dice)
     payload = {
         "setup": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "work"},
+        "seed_source": seed_source,
         "plan": {
             "patch_size": c["patch_size"],
             "batch_size": c["batch_size"],
