@@ -7,29 +7,29 @@ Every function is pure: inputs are never modified. Masks are boolean arrays of s
 Overlap metrics count voxels: Dice = 2 TP / (2 TP + FP + FN), IoU = TP / (TP + FP + FN), precision = TP / (TP + FP),
 recall = TP / (TP + FN).
 
-Surfaces
-    The surface of a mask is the set of its voxels that have a face-neighbour outside the mask (binary erosion with
-    the face-connected structure; the border of the array counts as outside). Surface distances are Euclidean
+Surface distances (HD95, ASSD)
+    The surface of a mask is the set of its voxels that have a face-neighbour outside it (binary erosion with the
+    face-connected structure; the border of the array counts as outside). Surface distances are Euclidean
     distances in mm between surface voxel centres, from each surface voxel of one mask to the nearest surface voxel
-    of the other. They are computed with ``scipy.ndimage.distance_transform_edt(sampling=spacing)`` on the
-    bounding box of both masks plus a one-voxel margin, which gives the same distances as the whole array; for
-    large compact objects (a box much larger than the surfaces) a k-d tree of the surface voxel centres gives
-    the same distances faster and with far less memory.
+    of the other, computed on the bounding box of both masks plus a one-voxel margin (a distance transform, or a
+    k-d tree for large compact objects; see :mod:`.surfaces`).
 
     * HD95: 95th percentile (numpy's linear interpolation) of both directed distance sets pooled together, as
       ``medpy.metric.binary.hd95``.
     * ASSD: mean of both directed distance sets pooled together, as ``medpy.metric.binary.assd`` (medpy >= 0.5;
       medpy 0.4 averaged the two directed means instead, which differs when the surfaces differ in size).
-    * NSD (normalised surface distance, surface Dice at tolerance ``tau`` mm): the number of surface voxels of
-      either mask whose distance to the other surface is <= tau, divided by the number of surface voxels of both.
-      DeepMind's ``surface-distance`` package uses the same formula but on "surfels" placed at voxel corners and
-      weighted by their area (their ``compute_surface_dice_at_tolerance``). Ours is the voxel-counting variant
-      (each surface voxel has weight 1, as MONAI's ``compute_surface_dice`` without sub-voxels): fed the same
-      distances with unit areas, their formula gives exactly our value; on real shapes the two definitions
-      differ by the discretisation: on displaced ellipsoids at 3.0 x 0.7 x 0.8 mm and tolerances of 1-3 mm,
-      |theirs - ours| was up to 0.19, ours usually the lower (stricter): a mask has many voxels on its z-facing
-      sides, where distances come in steps of the z spacing, while surfel areas weight those sides less. At
-      1 mm isotropic spacing the gap was up to 0.13 at a tolerance of 1 mm.
+
+Normalised surface Dice (NSD)
+    NSD at tolerance ``tau`` mm (Nikolov et al. 2018) as DeepMind's ``surface-distance`` package defines it
+    (``compute_surface_dice_at_tolerance``): the surfaces are surface elements on the grid of voxel corners
+    (shifted by half a voxel), each weighted by its area in mm^2 (3D, marching cubes) or length in mm (2D,
+    marching squares); see :mod:`.surfaces`. NSD is the area of both surfaces lying within ``tau`` of the other
+    surface divided by the area of both. Distances within ``NSD_ROUNDING_MM`` above ``tau`` count as within it:
+    the only departure from the package, which drops a surfel at exactly ``tau`` when rounding puts its computed
+    distance one step above (e.g. 2.5000000000000004 mm for 2.5 mm), while both empty gives 1 here, NaN there.
+    Counting surface voxels instead (weight 1 each, at voxel centres) differed from the package by up to 0.26 on
+    random anisotropic masks: a mask has many voxels on its sides facing the coarse axis, where distances come in
+    steps of the largest spacing, while areas weight those sides by their true size.
 
 Empty masks (after removing ignored voxels)
     * both empty: Dice = IoU = precision = recall = NSD = 1, HD95 = ASSD = 0 (a correct "nothing here").
@@ -42,8 +42,9 @@ Empty masks (after removing ignored voxels)
 Ignored voxels
     Voxels marked as ignored (the reference's ignore label) are removed from the prediction and count for no
     metric. They are not "outside" when surfaces are found: a mask voxel whose only outside neighbours are ignored
-    voxels is not a surface voxel, since the true boundary there is unknown. When both masks are non-empty but
-    one has no surface voxel left (it is wrapped in ignored voxels), HD95, ASSD and NSD are NaN.
+    voxels is not a surface voxel, and a surface element whose cell holds only mask and ignored voxels is left out,
+    since the true boundary there is unknown. When both masks are non-empty but one has no surface voxel (surface
+    element) left, being wrapped in ignored voxels, HD95 and ASSD (NSD) are NaN.
 """
 
 from __future__ import annotations
@@ -54,7 +55,8 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
-from scipy.spatial import cKDTree
+
+from autoseg.evaluation.surfaces import nearest_distances, surface_dice, surface_mask
 
 __all__ = [
     "ClassMetrics",
@@ -71,10 +73,6 @@ __all__ = [
 
 #: Distances this close above the NSD tolerance still count as within it (rounding in the distance transform).
 NSD_ROUNDING_MM = 1e-9
-
-#: Above this many box voxels per surface voxel, nearest surface voxels come from a k-d tree rather than the
-#: distance transform of the box (measured crossover: about 10; both give the same distances).
-KDTREE_VOXELS_PER_SURFACE_VOXEL = 16
 
 #: Label maps whose values stay below this get all bounding boxes from one ``ndimage.find_objects`` pass.
 _MAX_BOXED_LABEL = 1 << 20
@@ -135,28 +133,6 @@ def iou(pred: np.ndarray, ref: np.ndarray) -> float:
     return 1.0 if union == 0 else int(np.count_nonzero(p & r)) / union
 
 
-def surface_mask(mask: np.ndarray, *, ignore: np.ndarray | None = None) -> np.ndarray:
-    """Voxels of ``mask`` with a face-neighbour outside it (the array border counts as outside).
-
-    Equivalent to ``mask & ~binary_erosion(mask | ignore, face-connected structure, border_value=0)``: a
-    neighbour in ``ignore`` does not make a voxel a surface voxel.
-    """
-    mask = mask.astype(bool, copy=False)
-    inside = mask if ignore is None else mask | ignore
-    interior = mask.copy()
-    for axis in range(mask.ndim):
-        interior[_at(axis, slice(None, -1))] &= inside[_at(axis, slice(1, None))]
-        interior[_at(axis, slice(1, None))] &= inside[_at(axis, slice(None, -1))]
-        interior[_at(axis, 0)] = False
-        interior[_at(axis, -1)] = False
-    return mask & ~interior
-
-
-def _at(axis: int, index: slice | int) -> tuple[slice | int, ...]:
-    """Index that applies ``index`` along ``axis`` and takes everything along the other axes."""
-    return (slice(None),) * axis + (index,)
-
-
 def _bbox(mask: np.ndarray) -> _Box | None:
     """Bounding box of the non-zero voxels of ``mask``; None when it is empty."""
     box = []
@@ -178,30 +154,14 @@ def _grow(box: _Box, shape: Sequence[int], margin: int = 1) -> _Box:
     return tuple(slice(max(s.start - margin, 0), min(s.stop + margin, n)) for s, n in zip(box, shape))
 
 
-def _directed(from_surface: np.ndarray, to_surface: np.ndarray, spacing: tuple[float, ...]) -> np.ndarray:
-    """Distances in mm from every voxel of ``from_surface`` to the nearest voxel of ``to_surface`` (non-empty)."""
-    distance = ndimage.distance_transform_edt(~to_surface, sampling=spacing)
-    return distance[from_surface]
-
-
 def _surface_distances_cropped(
     pred: np.ndarray, ref: np.ndarray, spacing: tuple[float, ...], ignore: np.ndarray | None
 ) -> tuple[np.ndarray, np.ndarray] | None:
-    """(pred -> ref, ref -> pred) distances for masks already cropped with a margin; None if a surface is empty.
-
-    The distance transform costs time and memory per voxel of the box, a k-d tree per surface voxel; the tree
-    answers (with the same distances, to rounding) when the box holds many voxels per surface voxel, as for
-    large compact objects.
-    """
+    """(pred -> ref, ref -> pred) distances for masks already cropped with a margin; None if a surface is empty."""
     surf_pred, surf_ref = surface_mask(pred, ignore=ignore), surface_mask(ref, ignore=ignore)
-    n_pred, n_ref = int(np.count_nonzero(surf_pred)), int(np.count_nonzero(surf_ref))
-    if n_pred == 0 or n_ref == 0:
+    if not surf_pred.any() or not surf_ref.any():
         return None
-    if pred.size <= KDTREE_VOXELS_PER_SURFACE_VOXEL * (n_pred + n_ref):
-        return _directed(surf_pred, surf_ref, spacing), _directed(surf_ref, surf_pred, spacing)
-    points_pred = np.argwhere(surf_pred) * np.asarray(spacing)  # C order, as boolean indexing
-    points_ref = np.argwhere(surf_ref) * np.asarray(spacing)
-    return cKDTree(points_ref).query(points_pred)[0], cKDTree(points_pred).query(points_ref)[0]
+    return nearest_distances(surf_pred, surf_ref, spacing)
 
 
 def surface_distances(
@@ -228,12 +188,6 @@ def _assd(d: tuple[np.ndarray, np.ndarray]) -> float:
     return float(np.concatenate(d).mean())
 
 
-def _nsd(d: tuple[np.ndarray, np.ndarray], tolerance_mm: float) -> float:
-    limit = tolerance_mm + NSD_ROUNDING_MM
-    within = int(np.count_nonzero(d[0] <= limit)) + int(np.count_nonzero(d[1] <= limit))
-    return within / (d[0].size + d[1].size)
-
-
 def hd95(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float]) -> float:
     """95th percentile of the symmetric surface distances in mm (medpy's convention); see the module rules."""
     return class_metrics(pred, ref, spacing).hd95_mm
@@ -245,7 +199,7 @@ def assd(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float]) -> float:
 
 
 def nsd(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float], *, tolerance_mm: float = 1.0) -> float:
-    """Normalised surface distance (surface Dice) at ``tolerance_mm``, counting surface voxels; in [0, 1]."""
+    """Normalised surface Dice at ``tolerance_mm``, surface elements weighted by area (as DeepMind's); in [0, 1]."""
     return class_metrics(pred, ref, spacing, nsd_tolerance_mm=tolerance_mm).nsd
 
 
@@ -292,13 +246,14 @@ def _metrics_in_box(
     n_pred, n_ref = int(np.count_nonzero(pred)), int(np.count_nonzero(ref))
     fp, fn = n_pred - tp, n_ref - tp
     voxel = float(np.prod(spacing))
-    d = _surface_distances_cropped(pred, ref, spacing, ignore) if n_pred and n_ref else None
-    if d is None:
+    if n_pred == 0 or n_ref == 0:
         both_empty = n_pred == 0 and n_ref == 0
         hd, mean_d = (0.0, 0.0) if both_empty else (math.nan, math.nan)
-        surface_dice = 1.0 if both_empty else (0.0 if n_pred == 0 or n_ref == 0 else math.nan)
+        nsd_value = 1.0 if both_empty else 0.0
     else:
-        hd, mean_d, surface_dice = _hd95(d), _assd(d), _nsd(d, tolerance_mm)
+        d = _surface_distances_cropped(pred, ref, spacing, ignore)
+        hd, mean_d = (math.nan, math.nan) if d is None else (_hd95(d), _assd(d))
+        nsd_value = surface_dice(pred, ref, spacing, tolerance_mm + NSD_ROUNDING_MM, ignore=ignore)
     return ClassMetrics(
         dice=1.0 if n_pred + n_ref == 0 else 2.0 * tp / (n_pred + n_ref),
         iou=1.0 if n_pred + n_ref == 0 else tp / (tp + fp + fn),
@@ -306,7 +261,7 @@ def _metrics_in_box(
         recall=1.0 if n_pred + n_ref == 0 else _ratio(tp, n_ref),
         hd95_mm=hd,
         assd_mm=mean_d,
-        nsd=surface_dice,
+        nsd=nsd_value,
         volume_pred_mm3=n_pred * voxel,
         volume_ref_mm3=n_ref * voxel,
         volume_diff_mm3=(n_pred - n_ref) * voxel,

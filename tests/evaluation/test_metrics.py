@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from scipy import ndimage
 from scipy.spatial import cKDTree
+from scipy.spatial.distance import cdist
 
-from autoseg.evaluation import metrics as metrics_module
 from autoseg.evaluation.metrics import (
     ClassMetrics,
     assd,
@@ -25,6 +25,7 @@ from autoseg.evaluation.metrics import (
     surface_distances,
     surface_mask,
 )
+from autoseg.evaluation.surfaces import surfels
 
 SHAPE = (7, 11, 13)
 SPACING = (3.0, 0.7, 0.8)
@@ -47,6 +48,15 @@ def brute_force_distances(pred: np.ndarray, ref: np.ndarray, spacing) -> tuple[n
     pts_p = np.argwhere(surf_p) * np.asarray(spacing)
     pts_r = np.argwhere(surf_r) * np.asarray(spacing)
     return cKDTree(pts_r).query(pts_p)[0], cKDTree(pts_p).query(pts_r)[0]
+
+
+def brute_force_nsd(pred: np.ndarray, ref: np.ndarray, spacing, tolerance_mm: float) -> float:
+    """Surface Dice from our surfels with all pairwise corner distances (slow but obviously right)."""
+    (corners_p, size_p), (corners_r, size_r) = surfels(pred, spacing), surfels(ref, spacing)
+    distances = cdist(np.argwhere(corners_p) * np.asarray(spacing), np.argwhere(corners_r) * np.asarray(spacing))
+    limit = tolerance_mm + 1e-9
+    within = size_p[distances.min(axis=1) <= limit].sum() + size_r[distances.min(axis=0) <= limit].sum()
+    return within / (size_p.sum() + size_r.sum())
 
 
 @settings(max_examples=40, deadline=None)
@@ -100,13 +110,6 @@ def test_distance_metrics_are_symmetric_and_nsd_in_unit_interval(a, b):
     assert math.isnan(value) or 0.0 <= value <= 1.0
 
 
-@pytest.fixture(params=["edt", "kdtree"])
-def distance_path(request, monkeypatch):
-    """Run a test with the distance transform and again with the k-d tree computing surface distances."""
-    monkeypatch.setattr(metrics_module, "KDTREE_VOXELS_PER_SURFACE_VOXEL", 10**12 if request.param == "edt" else 0)
-    return request.param
-
-
 @pytest.mark.parametrize("seed", range(6))
 def test_surface_distances_match_brute_force(seed, distance_path):
     pred, ref = blob(seed), blob(seed + 100)
@@ -119,7 +122,9 @@ def test_surface_distances_match_brute_force(seed, distance_path):
     assert hd95(pred, ref, SPACING) == pytest.approx(np.percentile(pooled, 95), abs=1e-9)
     assert assd(pred, ref, SPACING) == pytest.approx(pooled.mean(), abs=1e-9)
     for tol in (0.5, 1.0, 2.5):  # 2.5 mm = |(0, 0.7, 2.4)| is hit exactly: ties count as within the tolerance
-        assert nsd(pred, ref, SPACING, tolerance_mm=tol) == pytest.approx((pooled <= tol + 1e-9).mean(), abs=1e-12)
+        assert nsd(pred, ref, SPACING, tolerance_mm=tol) == pytest.approx(
+            brute_force_nsd(pred, ref, SPACING, tol), abs=1e-12
+        )
 
 
 def test_large_compact_objects_match_brute_force(distance_path):
@@ -130,7 +135,7 @@ def test_large_compact_objects_match_brute_force(distance_path):
     m = class_metrics(pred, ref, SPACING, nsd_tolerance_mm=1.2)
     assert m.hd95_mm == pytest.approx(np.percentile(pooled, 95), abs=1e-9)
     assert m.assd_mm == pytest.approx(pooled.mean(), abs=1e-9)
-    assert m.nsd == pytest.approx((pooled <= 1.2 + 1e-9).mean(), abs=1e-12)
+    assert m.nsd == pytest.approx(brute_force_nsd(pred, ref, SPACING, 1.2), abs=1e-12)
 
 
 def test_2d_masks_match_brute_force(distance_path):
@@ -139,6 +144,10 @@ def test_2d_masks_match_brute_force(distance_path):
     pooled = np.concatenate(brute_force_distances(pred, ref, spacing))
     assert hd95(pred, ref, spacing) == pytest.approx(np.percentile(pooled, 95), abs=1e-9)
     assert assd(pred, ref, spacing) == pytest.approx(pooled.mean(), abs=1e-9)
+    for tol in (0.9, 1.9, 2.4):
+        assert nsd(pred, ref, spacing, tolerance_mm=tol) == pytest.approx(
+            brute_force_nsd(pred, ref, spacing, tol), abs=1e-12
+        )
 
 
 def test_single_voxel_distances_are_known():
@@ -148,8 +157,19 @@ def test_single_voxel_distances_are_known():
     expected = math.hypot(2 * 3.0, 2 * 0.8)
     assert hd95(pred, ref, SPACING) == pytest.approx(expected, abs=1e-12)
     assert assd(pred, ref, SPACING) == pytest.approx(expected, abs=1e-12)
-    assert nsd(pred, ref, SPACING, tolerance_mm=expected - 0.01) == 0.0
-    assert nsd(pred, ref, SPACING, tolerance_mm=expected) == 1.0
+
+
+def test_single_voxel_nsd_is_known():
+    """A voxel has 8 corner surfels of equal area; each lies 1 or 2 voxels from the other voxel per axis (z, x)."""
+    pred, ref = np.zeros(SHAPE, bool), np.zeros(SHAPE, bool)
+    pred[1, 2, 3] = True
+    ref[3, 2, 5] = True
+    near, z_far, x_far, far = (math.hypot(dz * 3.0, dx * 0.8) for dz, dx in ((1, 1), (2, 1), (1, 2), (2, 2)))
+    assert nsd(pred, ref, SPACING, tolerance_mm=near - 0.01) == 0.0
+    assert nsd(pred, ref, SPACING, tolerance_mm=near) == 0.25
+    assert nsd(pred, ref, SPACING, tolerance_mm=x_far) == 0.5
+    assert nsd(pred, ref, SPACING, tolerance_mm=z_far) == 0.75
+    assert nsd(pred, ref, SPACING, tolerance_mm=far) == 1.0
 
 
 def test_inputs_are_not_modified():
