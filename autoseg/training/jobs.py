@@ -5,6 +5,11 @@ GPU. Each job runs ``autoseg train`` in its own process (so a crash or an out-of
 with its output in ``RUN/models/<config>/fold_<k>/job.log``; failed jobs are reported with the tail of their log.
 Jobs that need several GPUs (``training.gpus_per_job`` > 1 in a future plan) would be launched with torchrun.
 Across machines use an existing launcher (torchrun, SLURM, Ray); this is not a cluster scheduler.
+
+Jobs end with the job runner however it ends. Each job runs through :mod:`autoseg.processes`, which kills it when
+the runner's process is gone (SIGKILL included), as torchrun's ranks are killed when torchrun is; each job has its
+own process group, which the runner signals (SIGTERM, then SIGKILL) when it stops early: on SIGTERM or Ctrl-C
+(both raise KeyboardInterrupt here) or an error. A stopped job resumes from its last checkpoint next time.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -19,7 +25,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from autoseg.training.trainer import fold_dir
+from autoseg.processes import sigterm_raises, tethered_command
 
 __all__ = ["Job", "JobResult", "detect_devices", "train_command", "run_jobs"]
 
@@ -64,11 +70,16 @@ def detect_devices(requested: str | None = None) -> list[str]:
 
 
 def train_command(run_dir: Path, job: Job, overrides: Sequence[str] = (), extra: Sequence[str] = ()) -> list[str]:
-    """The ``autoseg train`` command line for one job (device given through the environment; torchrun for DDP)."""
+    """The ``autoseg train`` command line for one job (device given through the environment; torchrun for DDP).
+
+    Under torchrun each rank runs through :mod:`autoseg.processes`, so that it ends when torchrun does.
+    """
     python = [sys.executable]
+    module = ["autoseg.cli"]
     if job.gpus > 1:
         python += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={job.gpus}"]
-    cmd = python + ["-m", "autoseg.cli", "train", str(run_dir), "-c", job.config, "-f", job.fold]
+        module = ["autoseg.processes", "autoseg.cli"]
+    cmd = python + ["-m", *module, "train", str(run_dir), "-c", job.config, "-f", job.fold]
     cmd += ["--device", "auto", "--no-jobs"]
     for item in overrides:
         cmd += ["--set", item]
@@ -86,7 +97,11 @@ def _default_launcher(run_dir: Path, overrides: Sequence[str], extra: Sequence[s
         handle = open(logfile, "ab")
         try:
             return subprocess.Popen(
-                train_command(run_dir, job, overrides, extra), stdout=handle, stderr=subprocess.STDOUT, env=env
+                tethered_command(train_command(run_dir, job, overrides, extra), os.getpid()),
+                stdout=handle,
+                stderr=subprocess.STDOUT,
+                env=env,
+                process_group=0,  # the job and its loader workers: one group to signal
             )
         finally:
             handle.close()
@@ -101,6 +116,34 @@ def _tail(path: Path, lines: int = 15) -> str:
         return ""
 
 
+def _signal_job(proc: subprocess.Popen, sig: int) -> None:
+    """Send ``sig`` to a job's process group when it leads one (the default launcher), else to the job alone."""
+    try:
+        if os.getpgid(proc.pid) == proc.pid:
+            os.killpg(proc.pid, sig)
+        else:
+            proc.send_signal(sig)
+    except ProcessLookupError:
+        pass
+
+
+def _stop_jobs(procs: Sequence[subprocess.Popen], grace_seconds: float) -> None:
+    """SIGTERM every running job, which saves nothing half-written and stops its workers; SIGKILL it after the grace."""
+    alive = [p for p in procs if p.poll() is None]
+    if not alive:
+        return
+    log.warning("stopping %d running job(s); run the same command again to resume them", len(alive))
+    for proc in alive:
+        _signal_job(proc, signal.SIGTERM)
+    deadline = time.monotonic() + grace_seconds
+    for proc in alive:
+        try:
+            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            _signal_job(proc, signal.SIGKILL)
+            proc.wait()
+
+
 def run_jobs(
     run_dir: Path | str,
     jobs: Sequence[Job],
@@ -110,13 +153,34 @@ def run_jobs(
     extra_args: Sequence[str] = (),
     launcher: Launcher | None = None,
     poll_seconds: float = 0.5,
+    stop_seconds: float = 30.0,
 ) -> list[JobResult]:
-    """Run ``jobs`` over ``devices``, one job per device at a time; return every job's result (failures too)."""
+    """Run ``jobs`` over ``devices``, one job per device at a time; return every job's result (failures too).
+
+    Stopped early (SIGTERM, Ctrl-C, an error), it stops the running jobs (``stop_seconds`` to end cleanly, then
+    killed) before raising.
+    """
     run_dir = Path(run_dir)
     launch = launcher or _default_launcher(run_dir, overrides, extra_args)
-    queue = list(jobs)
-    free = list(devices)
     running: dict[str, tuple[Job, subprocess.Popen, float, Path]] = {}
+    with sigterm_raises():
+        try:
+            return _place(run_dir, list(jobs), list(devices), launch, running, poll_seconds)
+        finally:
+            _stop_jobs([proc for _, proc, _, _ in running.values()], stop_seconds)
+
+
+def _place(
+    run_dir: Path,
+    queue: list[Job],
+    devices: list[str],
+    launch: Launcher,
+    running: dict[str, tuple[Job, subprocess.Popen, float, Path]],
+    poll_seconds: float,
+) -> list[JobResult]:
+    from autoseg.training.trainer import fold_dir  # here: the runner itself never needs torch, its jobs do
+
+    free = list(devices)
     results: list[JobResult] = []
     while queue or running:
         while queue and len(free) >= min(queue[0].gpus, len(devices)):

@@ -6,11 +6,15 @@ the exact sequence (the sampler's whole state is the next batch index).
 
 Workers are separate processes, each producing every ``W``-th batch into its own bounded queue; the consumer reads
 them round-robin, which keeps the order without a reorder buffer. A worker that raises sends its traceback; a
-worker that dies (e.g. killed for memory) is detected and reported with its exit code.
+worker that dies (e.g. killed for memory) is detected and reported with its exit code. Workers end with the
+training process however it ends: a worker is killed when its parent exits (even by SIGKILL; see
+:mod:`autoseg.processes`), and while workers run, SIGTERM stops the training process as Ctrl-C does, which closes
+the loader.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing as mp
 import os
@@ -26,6 +30,7 @@ import numpy as np
 
 from autoseg.errors import TrainingError
 from autoseg.planning.plans import AugmentationSpec
+from autoseg.processes import die_with_parent, sigterm_raises
 from autoseg.training.augmentation import DownsampleTargets, build_transforms
 
 __all__ = ["CaseData", "CaseSource", "BatchRecipe", "sample_patch", "make_batch", "BatchLoader", "choose_workers"]
@@ -147,8 +152,14 @@ def _build(recipe: BatchRecipe):
     return build_transforms(recipe.patch_size, recipe.augmentation, ds_scales=recipe.ds_scales)
 
 
-def _worker(source: CaseSource, recipe: BatchRecipe, first: int, stride: int, out: mp.Queue, stop) -> None:
+def _worker(
+    parent_pid: int, source: CaseSource, recipe: BatchRecipe, first: int, stride: int, out: mp.Queue, stop
+) -> None:
+    # a worker has nothing to save: killed outright when the parent ends, which otherwise left it waiting forever
+    # to put a batch into a queue nobody reads
+    die_with_parent(parent_pid, sig=signal.SIGKILL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and shuts workers down
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the parent's handler, which fork copied
     try:
         import torch
 
@@ -167,6 +178,8 @@ def _worker(source: CaseSource, recipe: BatchRecipe, first: int, stride: int, ou
                 except queue.Full:
                     continue
             index += stride
+        # stopped: batches still buffered are not wanted; exit without waiting to flush them into a full pipe
+        out.cancel_join_thread()
     except Exception:  # sent to the parent, which raises it with the worker's traceback
         out.put(("error", first, traceback.format_exc()))
 
@@ -186,7 +199,9 @@ def choose_workers(batch_bytes: int, *, cores: int | None = None, free_bytes: in
 class BatchLoader:
     """Iterator over training batches from ``start`` on; ``workers=0`` makes them in this process.
 
-    Use as a context manager (or call :meth:`close`) so that worker processes always end.
+    Use as a context manager (or call :meth:`close`) so that worker processes always end. While workers run,
+    SIGTERM raises :class:`autoseg.processes.Terminated` (a KeyboardInterrupt) in the main thread, so that the
+    ``with`` block closes the loader; workers end by themselves if this process is killed.
     """
 
     def __init__(self, source: CaseSource, recipe: BatchRecipe, *, workers: int = 0, start: int = 0, prefetch: int = 3):
@@ -195,22 +210,31 @@ class BatchLoader:
         self._procs: list[mp.Process] = []
         self._queues: list[mp.Queue] = []
         self._transforms = None
+        self._signals = contextlib.ExitStack()
         if workers > 0:
-            ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-            self._stop = ctx.Event()
-            for w in range(workers):
+            self._start_workers(prefetch)
+        else:
+            self._transforms = _build(recipe)
+
+    def _start_workers(self, prefetch: int) -> None:
+        ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+        self._stop = ctx.Event()
+        self._signals.enter_context(sigterm_raises())
+        try:
+            for w in range(self.workers):
                 q = ctx.Queue(maxsize=prefetch)
                 p = ctx.Process(
                     target=_worker,
-                    args=(source, recipe, start + w, workers, q, self._stop),
+                    args=(os.getpid(), self.source, self.recipe, self._start + w, self.workers, q, self._stop),
                     daemon=True,
                     name=f"autoseg-loader-{w}",
                 )
+                self._queues.append(q)
                 p.start()
                 self._procs.append(p)
-                self._queues.append(q)
-        else:
-            self._transforms = _build(recipe)
+        except BaseException:
+            self.close()
+            raise
 
     def __iter__(self) -> Iterator[dict]:
         return self
@@ -245,7 +269,8 @@ class BatchLoader:
 
     def close(self) -> None:
         """Stop and join the workers (terminating any that do not stop within a few seconds)."""
-        if not self._procs:
+        if not self._procs and not self._queues:
+            self._signals.close()
             return
         self._stop.set()
         for q in self._queues:
@@ -263,6 +288,7 @@ class BatchLoader:
             q.close()
             q.join_thread()
         self._procs, self._queues = [], []
+        self._signals.close()
 
     def __enter__(self) -> BatchLoader:
         return self
