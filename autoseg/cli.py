@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from autoseg.errors import AutosegError
+from autoseg.processes import Terminated
 
 __all__ = ["main", "build_parser"]
 
@@ -441,9 +442,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except AutosegError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         print("interrupted; finished work is kept, run the same command again to resume", file=sys.stderr)
-        return 130
+        return 143 if isinstance(exc, Terminated) else 130  # 128 + SIGTERM, as job schedulers expect
 
 
 if __name__ == "__main__":
