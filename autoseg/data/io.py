@@ -222,6 +222,17 @@ def read_image(path: Path | str) -> tuple[np.ndarray, Geometry]:
     return _from_sitk(_read_sitk(path))
 
 
+def _header_reader(path: Path) -> sitk.ImageFileReader:
+    """A SimpleITK reader that has read ``path``'s header (no voxels)."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as exc:
+        raise ImageReadError(f"{path}: cannot read image header ({_first_line(exc)})") from None
+    return reader
+
+
 def read_header(path: Path | str) -> Geometry:
     """Geometry of an image file from its header alone (no voxels read where the format allows)."""
     path = Path(path)
@@ -229,12 +240,7 @@ def read_header(path: Path | str) -> Geometry:
         return read_image(path)[1]
     if not path.is_file():
         raise ImageReadError(f"{path}: file not found")
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
-    try:
-        reader.ReadImageInformation()
-    except RuntimeError as exc:
-        raise ImageReadError(f"{path}: cannot read image header ({_first_line(exc)})") from None
+    reader = _header_reader(path)
     size = reader.GetSize()
     probe = sitk.Image([1] * len(size), reader.GetPixelID(), reader.GetNumberOfComponents())
     probe.SetSpacing(reader.GetSpacing())
@@ -266,12 +272,7 @@ def read_channel_count(path: Path | str) -> int:
             raise ImageReadError(f"{path}: cannot read TIFF ({exc})") from None
         channel_axis = _tiff_channel_axis(path, axes)
         return 1 if channel_axis is None else int(shape[channel_axis])
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
-    try:
-        reader.ReadImageInformation()
-    except RuntimeError as exc:
-        raise ImageReadError(f"{path}: cannot read image header ({_first_line(exc)})") from None
+    reader = _header_reader(path)
     if reader.GetNumberOfComponents() > 1:
         return int(reader.GetNumberOfComponents())
     return int(reader.GetSize()[3]) if reader.GetDimension() == 4 else 1
