@@ -173,7 +173,9 @@ def fit_schedule(stats: dict, probe_wall_s: float, budget_s: float, *, margin: f
     10) so that the poly learning-rate schedule still has ~20 epochs. Validation iterations keep nnU-Net's 1:5 ratio.
     When not even one epoch of 10 iterations fits, what fits is split into ~:data:`SHORT_EPOCHS` epochs (at least 1
     iteration and 1 validation iteration each): a run stopped at the budget keeps the checkpoint of its last full
-    epoch, and one long epoch that overran the estimate would leave none to predict with.
+    epoch, and one long epoch that overran the estimate would leave none to predict with. The time whole epochs
+    leave over is spread over them as more iterations (1.9 epochs of 10 iterations used to become 1 epoch of 10,
+    half the budget unused).
     """
     train, val = stats["train_starts"], stats["val_starts"]
     t = statistics.median(b - a for a, b in zip(train[1:-1], train[2:]))
@@ -190,6 +192,15 @@ def fit_schedule(stats: dict, probe_wall_s: float, budget_s: float, *, margin: f
         iterations, val_iterations = max(1, round(total_iterations / SHORT_EPOCHS)), 1
         per_epoch = iterations * t + val_iterations * v + fixed
     epochs = int(min(STOCK_EPOCHS, max(1, available // per_epoch)))
+    if iterations < STOCK_ITERATIONS:  # whole epochs leave up to one epoch unused: spread it over the epochs
+        fill = int(min(STOCK_ITERATIONS, (available / epochs - val_iterations * v - fixed) // t))
+        while fill > iterations:
+            fill_val = max(1, round(STOCK_VAL_RATIO * fill))
+            if epochs * (fill * t + fill_val * v + fixed) <= available:
+                iterations, val_iterations = fill, fill_val
+                break
+            fill -= 1
+        per_epoch = iterations * t + val_iterations * v + fixed
     estimate = startup + epochs * per_epoch
     why = (
         f"probe: {t:.2f} s per training iteration (data loading included), {v:.2f} s per validation iteration, "
