@@ -19,13 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from autoseg.data.synth import make_dataset
-from autoseg.fingerprint import extract_fingerprint
-from autoseg.preprocessing.preprocess import preprocess
 from autoseg.processes import tethered_command
-from autoseg.runfolder import record_dataset
 from autoseg.training.checkpoint import load_checkpoint
-from tests.training.test_trainer import tiny_plans
+from tests.training.test_trainer import make_tiny_run
 
 pytestmark = pytest.mark.skipif(
     not Path("/proc/self/task").exists() or sys.platform != "linux", reason="reads the process tree from /proc"
@@ -130,13 +126,7 @@ def _kill_and_check(proc: subprocess.Popen, deepest: int, sig: signal.Signals) -
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("orphans")
-    data = make_dataset(root / "data", "ct3d", cases=4, test_cases=0, seed=3)
-    fp = extract_fingerprint(data, root / "run" / "fingerprint.json", workers=1)
-    record_dataset(root / "run", data)
-    tiny_plans(fp, epochs=10_000).save(root / "run" / "plans.json")
-    preprocess(root / "run", data_dir=data, workers=1)
-    return root / "run"
+    return make_tiny_run(tmp_path_factory.mktemp("orphans"), cases=4, epochs=10_000)
 
 
 def _check_checkpoints(folder: Path, clean: bool) -> None:

@@ -60,15 +60,19 @@ def tiny_plans(fp, epochs: int = 4) -> Plans:
     )
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("train")
-    data = make_dataset(root / "data", "ct3d", cases=5, test_cases=0, seed=3)
+def make_tiny_run(root: Path, cases: int, epochs: int = 4) -> Path:
+    """A preprocessed run folder of ``cases`` synthetic CT cases under ``root`` with :func:`tiny_plans`."""
+    data = make_dataset(root / "data", "ct3d", cases=cases, test_cases=0, seed=3)
     fp = extract_fingerprint(data, root / "run" / "fingerprint.json", workers=1)
     record_dataset(root / "run", data)
-    tiny_plans(fp).save(root / "run" / "plans.json")
+    tiny_plans(fp, epochs=epochs).save(root / "run" / "plans.json")
     preprocess(root / "run", data_dir=data, workers=1)
     return root / "run"
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    return make_tiny_run(tmp_path_factory.mktemp("train"), cases=5)
 
 
 def _weights(folder: Path) -> dict[str, torch.Tensor]:
