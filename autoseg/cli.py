@@ -103,6 +103,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         gpu_memory_gb=args.gpu_memory,
         time_budget_hours=args.time_budget,
         overrides=args.set,
+        cross_validation=CROSS_VALIDATION[args.cross_validation],
     )
     print(f"{Path(args.run) / 'plans.json'}: {plans.planner} plan for {plans.device.kind} ({plans.device.name})")
     for name, c in plans.configurations.items():
@@ -266,6 +267,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         search_trials=args.search_trials,
         search_hours=args.search_time,
         n_folds=args.n_folds,
+        cross_validation=CROSS_VALIDATION[args.cross_validation],
         progress=lambda name: None,
     )
     if selection is not None:
@@ -282,11 +284,21 @@ def _cmd_example(args: argparse.Namespace) -> int:
     return 0
 
 
+#: ``--cross-validation`` choices and what the planner gets.
+CROSS_VALIDATION = {"auto": None, "always": True, "never": False}
+
+
 def _plan_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="plan for auto (this machine), cpu or cuda")
     p.add_argument("--gpu-memory", type=float, default=None, metavar="GB", help="plan for a GPU of this size")
     p.add_argument("--time-budget", type=float, default=None, metavar="HOURS", help="training time for all jobs")
     p.add_argument("--preset", default="default", choices=["default", "nnunet", "nnunet-resenc-m", "nnunet-resenc-l"])
+    p.add_argument(
+        "--cross-validation",
+        default="auto",
+        choices=list(CROSS_VALIDATION),
+        help="auto (the time budget decides, default), always, or never (one model trained on all cases)",
+    )
     p.add_argument(
         "--set",
         action="append",

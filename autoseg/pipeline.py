@@ -103,6 +103,7 @@ def run_pipeline(
     search_trials: int = 0,
     search_hours: float | None = None,
     n_folds: int = 5,
+    cross_validation: bool | None = None,
     progress: Progress | None = None,
 ):
     """Run every stage up to ``select``; returns the Selection."""
@@ -120,6 +121,7 @@ def run_pipeline(
         plan_run(
             run_dir,
             n_folds=n_folds,
+            cross_validation=cross_validation,
             preset=preset,
             device=device,
             gpu_memory_gb=gpu_memory_gb,

@@ -86,6 +86,19 @@ DATASETS = {
 }
 
 
+def _per_size(ds: RealDataset, cases: list[str], rng: random.Random, *, at_least_one: bool) -> list[str]:
+    """``TEST_FRACTION`` of each image size, chosen with ``rng`` (size by size, in sorted order)."""
+    sizes = json.loads((ds.root / "cases.json").read_text())
+    groups: dict[tuple[int, int], list[str]] = {}
+    for c in cases:
+        groups.setdefault(tuple(sizes[c]["size_wh"]), []).append(c)
+    chosen = []
+    for key in sorted(groups):
+        n = round(TEST_FRACTION * len(groups[key]))
+        chosen += rng.sample(groups[key], max(1, n) if at_least_one else n)
+    return sorted(chosen)
+
+
 def test_cases(ds: RealDataset) -> list[str]:
     """The fixed test split (see the module docstring)."""
     cases = ds.cases()
@@ -93,15 +106,7 @@ def test_cases(ds: RealDataset) -> list[str]:
     if ds.key == "isbi_em":
         return cases[-round(TEST_FRACTION * len(cases)) :]
     if ds.key == "dsb2018":
-        sizes = json.loads((ds.root / "cases.json").read_text())
-        groups: dict[tuple[int, int], list[str]] = {}
-        for c in cases:
-            groups.setdefault(tuple(sizes[c]["size_wh"]), []).append(c)
-        test = []
-        for key in sorted(groups):
-            members = groups[key]
-            test += rng.sample(members, max(1, round(TEST_FRACTION * len(members))))
-        return sorted(test)
+        return _per_size(ds, cases, rng, at_least_one=True)
     return sorted(rng.sample(cases, round(TEST_FRACTION * len(cases))))
 
 
@@ -110,21 +115,38 @@ def train_cases(ds: RealDataset) -> list[str]:
     return [c for c in ds.cases() if c not in test]
 
 
+def dev_cases(ds: RealDataset) -> list[str]:
+    """A development split of the *training* part, for experiments that compare whole runs (a cross-validation fold
+    cannot score an ensemble of folds): the same rules as :func:`test_cases` applied to the training part, with the
+    seed ``SEED + 1`` (isbi_em: the last 5 training sections)."""
+    cases = train_cases(ds)
+    if ds.key == "isbi_em":
+        return cases[-round(TEST_FRACTION * len(cases)) :]
+    rng = random.Random(SEED + 1)
+    if ds.key == "dsb2018":
+        return _per_size(ds, cases, rng, at_least_one=False)
+    return sorted(rng.sample(cases, round(TEST_FRACTION * len(cases))))
+
+
 def _link(src: Path, dst: Path) -> None:
     dst.parent.mkdir(parents=True, exist_ok=True)
     if not dst.exists():
         os.symlink(src.resolve(), dst)
 
 
-def materialise(ds: RealDataset, out: Path, *, max_train: int | None = None) -> Path:
+def materialise(ds: RealDataset, out: Path, *, max_train: int | None = None, dev: bool = False) -> Path:
     """Lay out ``out/<nnunet_name>/`` (nnU-Net v2 raw layout, symbolic links): imagesTr/labelsTr hold the training
-    part (its first ``max_train`` cases when given), imagesTs/labelsTs the test part. Returns the dataset folder."""
+    part (its first ``max_train`` cases when given), imagesTs/labelsTs the test part. With ``dev`` the test part is
+    never laid out: imagesTs/labelsTs hold the development split (:func:`dev_cases`) and imagesTr/labelsTr the rest
+    of the training part. Returns the dataset folder."""
     root = out / ds.nnunet_name
-    train = train_cases(ds)[:max_train] if max_train else train_cases(ds)
+    held_out = dev_cases(ds) if dev else test_cases(ds)
+    train = [c for c in train_cases(ds) if c not in set(held_out)]
+    train = train[:max_train] if max_train else train
     for case in train:
         _link(ds.image(case), root / "imagesTr" / f"{case}_0000{ds.ending}")
         _link(ds.label(case), root / "labelsTr" / f"{case}{ds.ending}")
-    for case in test_cases(ds):
+    for case in held_out:
         _link(ds.image(case), root / "imagesTs" / f"{case}_0000{ds.ending}")
         _link(ds.label(case), root / "labelsTs" / f"{case}{ds.ending}")
     meta = {
@@ -133,7 +155,11 @@ def materialise(ds: RealDataset, out: Path, *, max_train: int | None = None) -> 
         "numTraining": len(train),
         "file_ending": ds.ending,
         "name": ds.key,
-        "test_split": {"rule": test_cases.__doc__, "seed": SEED, "cases": test_cases(ds)},
+        "test_split": {
+            "rule": (dev_cases if dev else test_cases).__doc__,
+            "seed": SEED + 1 if dev else SEED,
+            "cases": held_out,
+        },
     }
     (root / "dataset.json").write_text(json.dumps(meta, indent=1))
     return root

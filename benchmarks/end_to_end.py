@@ -94,15 +94,18 @@ class Side:
 
 
 class Autoseg(Side):
+    #: extra ``autoseg plan`` flags (a variant of the default plan, for comparisons between autoseg runs)
+    plan_flags: tuple[str, ...] = ()
+
     @property
     def run_dir(self) -> Path:
-        return self.work / "autoseg_run"
+        return self.work / f"{self.name}_run"
 
     def prepare(self, data: Path) -> None:
         run = str(self.run_dir)
         self.stage("fingerprint", [*AUTOSEG, "fingerprint", str(data), "-o", run, "-j", "1"])
         hours = f"{self.budget_s / 3600:.6f}"
-        self.stage("plan", [*AUTOSEG, "plan", run, "--device", "cpu", "--time-budget", hours])
+        self.stage("plan", [*AUTOSEG, "plan", run, "--device", "cpu", "--time-budget", hours, *self.plan_flags])
         self.stage("preprocess", [*AUTOSEG, "preprocess", run, "-j", "1"])
 
     def train(self) -> None:
@@ -112,7 +115,7 @@ class Autoseg(Side):
         finished = not self.stages["train"]["stopped_at_budget"]
         if finished:
             self.stage("select", [*AUTOSEG, "select", str(self.run_dir)])
-        self.predict_to("predict", data, self.work / "pred_autoseg")
+        self.predict_to("predict", data, self.work / f"pred_{self.name}")
         self.facts = autoseg_facts(self.run_dir)
 
     def predict_to(self, stage: str, data: Path, out: Path, *extra: str) -> dict:
@@ -332,7 +335,7 @@ def main() -> None:
 
 def iterations_done(side: Side) -> int:
     """Training iterations the tool ran (autoseg: summed over every configuration and fold it trained)."""
-    if side.name == "autoseg":
+    if isinstance(side, Autoseg):
         return sum(c["iterations_done"] for c in side.facts["configurations"].values())
     return side.facts["iterations_done"]
 

@@ -138,8 +138,12 @@ def make_plans(
     overrides: Sequence[str] = (),
     check_speed: bool = True,
     cpu_flops: float | None = None,
+    cross_validation: bool | None = None,
 ) -> Plans:
     """Plan from a fingerprint. See the module docstring of :mod:`autoseg.planning.default` for the rules.
+
+    ``cross_validation`` None lets the time budget decide between cross-validation and one model trained on all
+    cases (:func:`_fit_time`); True or False forces it (False also plans the primary configuration only).
 
     ``check_speed`` times the planned CPU networks for real (and re-plans when they are off the estimate);
     ``cpu_flops`` gives the CPU's training throughput instead of measuring it (planning for another CPU, tests).
@@ -150,7 +154,10 @@ def make_plans(
         from autoseg.planning.nnunet import plan_nnunet
 
         plans = plan_nnunet(fingerprint, preset, gpu_memory_gb=gpu_memory_gb)
-        return apply_overrides(dataclasses.replace(plans, autoseg_version=_version()), overrides)
+        plans = dataclasses.replace(plans, autoseg_version=_version())
+        if cross_validation is not None:
+            plans = dataclasses.replace(plans, cross_validation=cross_validation)
+        return apply_overrides(plans, overrides)
     fp = fingerprint
     dev = describe_device(device, gpu_memory_gb)
     n_outputs = len(fp.regions) if fp.regions else len([v for v in fp.labels.values() if v != fp.ignore_label])
@@ -190,7 +197,7 @@ def make_plans(
         n: measured[n][0] if n in measured else budget.seconds(c.network, c.patch_size, c.batch_size)
         for n, c in configs.items()
     }
-    configs, cross_validation = _fit_time(configs, seconds, budget, time_budget_hours, n_folds, why)
+    configs, cross_validation = _fit_time(configs, seconds, budget, time_budget_hours, n_folds, why, cross_validation)
     plans = Plans(
         dataset_name=fp.dataset_name,
         planner="autoseg-default",
@@ -221,27 +228,33 @@ def _fit_time(
     hours: float | None,
     n_folds: int,
     why: list[str],
+    policy: bool | None = None,
 ) -> tuple[dict[str, Configuration], bool]:
     """Set every configuration's epochs so that all (configuration, fold) jobs fit the time budget.
 
     A budget too small for every job to train ``MIN_JOB_ITERATIONS`` is spent on fewer jobs: first on the primary
     configuration alone (:func:`primary_configuration`), then on one model trained on all cases instead of a
     cross-validation (returned False: there is nothing to select from, and the model gets n_folds times the
-    training). Returns the configurations and whether the plan cross-validates.
+    training). ``policy`` True or False forces cross-validation or one model on the primary configuration.
+    Returns the configurations and whether the plan cross-validates.
     """
+    if policy is False:
+        keep = primary_configuration(configs)
+        why.append(f"one model trained on all cases (asked for): {keep} only, no cross-validation, no selection")
+        configs, n_folds = {keep: configs[keep]}, 1
     n_jobs = len(configs) * n_folds
     if hours is None and budget.is_cpu:
         hours = CPU_HOURS_PER_JOB * n_jobs
         why.append(f"no --time-budget: {CPU_HOURS_PER_JOB:g} h per training job on a CPU ({hours:g} h in all)")
     if hours is None:
-        return configs, True
+        return configs, policy is not False
 
     def iterations(names: Sequence[str], jobs: int) -> int:
         return min(
             _epochs(configs[n], seconds[n], hours, jobs)[0] * configs[n].training.iterations_per_epoch for n in names
         )
 
-    cross_validation = True
+    cross_validation = policy is not False
     if len(configs) > 1 and iterations(list(configs), n_jobs) < MIN_JOB_ITERATIONS:
         keep = primary_configuration(configs)
         why.append(
@@ -249,7 +262,7 @@ def _fit_time(
             f"{MIN_JOB_ITERATIONS} iterations each; only {keep} is planned (a larger --time-budget plans all)"
         )
         configs, n_jobs = {keep: configs[keep]}, n_folds
-    if n_folds > 1 and iterations(list(configs), n_jobs) < MIN_JOB_ITERATIONS:
+    if policy is None and n_folds > 1 and iterations(list(configs), n_jobs) < MIN_JOB_ITERATIONS:
         why.append(
             f"time budget {hours:g} h: {n_folds} cross-validation folds would train fewer than {MIN_JOB_ITERATIONS} "
             "iterations each; one model is trained on all cases instead (no cross-validation, no selection; "

@@ -119,6 +119,24 @@ def test_small_budgets_go_to_fewer_jobs():
     assert (1, True) in seen
 
 
+def test_cross_validation_can_be_forced_either_way():
+    """``--cross-validation never`` puts the whole budget into one model of the primary configuration; ``always``
+    keeps five folds where the budget rule would have trained one model."""
+    fp = FINGERPRINTS["Dataset004_Hippocampus"]
+    kwargs = dict(device="cpu", check_speed=False, cpu_flops=25e9)
+    auto = make_plans(fp, time_budget_hours=20, **kwargs)
+    never = make_plans(fp, time_budget_hours=20, cross_validation=False, **kwargs)
+    assert auto.cross_validation and len(auto.configurations) >= 2
+    assert not never.cross_validation and list(never.configurations) == ["3d_fullres"]
+    assert any("asked for" in w for w in never.why)
+    one, five = never.configurations["3d_fullres"].training, auto.configurations["3d_fullres"].training
+    assert one.epochs > 4 * five.epochs  # one job instead of configurations x 5 folds
+    tiny = make_plans(fp, time_budget_hours=0.01, **kwargs)
+    forced = make_plans(fp, time_budget_hours=0.01, cross_validation=True, **kwargs)
+    assert not tiny.cross_validation and forced.cross_validation
+    assert make_plans(fp, preset="nnunet", cross_validation=False).cross_validation is False
+
+
 def test_presets_and_overrides():
     fp = FINGERPRINTS["Dataset004_Hippocampus"]
     plans = make_plans(fp, preset="nnunet", overrides=["training.epochs=50", "3d_fullres.batch_size=4"])
