@@ -164,6 +164,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
             skip_existing=args.continue_,
             checkpoint=args.checkpoint,
             precision=args.precision,
+            any_spacing=args.any_spacing,
             progress=progress,
         )
     print(f"wrote {len(written)} prediction(s) to {args.output}")
@@ -250,8 +251,11 @@ def _cmd_search(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from autoseg.pipeline import run_pipeline
+    from autoseg.pipeline import resume_summary, run_pipeline
 
+    state = resume_summary(args.output)
+    if state:
+        print(f"{args.output} exists: {state}", flush=True)
     selection = run_pipeline(
         args.data,
         args.output,
@@ -380,6 +384,11 @@ def build_parser() -> argparse.ArgumentParser:
         "auto (default): all on a GPU, single on a CPU",
     )
     p.add_argument("--save-probabilities", action="store_true", help="also write <case>.npz probabilities")
+    p.add_argument(
+        "--any-spacing",
+        action="store_true",
+        help="predict images whose spacing is far outside the training range (refused by default)",
+    )
     p.add_argument("--uncertainty", action="store_true", help="also write entropy/disagreement maps and scores")
     p.add_argument("--device", default="auto")
     p.add_argument("--continue", dest="continue_", action="store_true", help="skip cases already predicted")

@@ -21,7 +21,8 @@ def atomic_path(path: Path, write: Callable[[Path], None]) -> None:
     """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it onto ``path``.
 
     The temporary file keeps ``path``'s suffixes so that writers that pick a format from the extension
-    (SimpleITK, numpy) behave as they would for ``path``.
+    (SimpleITK, numpy) behave as they would for ``path``. The data are flushed to disk before the rename, so that
+    after a crash or power loss ``path`` is the old file or the complete new one, never an empty one.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -31,10 +32,19 @@ def atomic_path(path: Path, write: Callable[[Path], None]) -> None:
     tmp = Path(name)
     try:
         write(tmp)
+        _fsync(tmp)
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +20,7 @@ from scipy import ndimage
 from autoseg.data.dataset import Case, DatasetSpec, discover, is_ct_channel, load_case
 from autoseg.errors import ConfigError
 from autoseg.files import files_signature
+from autoseg.processes import worker_pool
 from autoseg.serialization import load_json, save_json
 
 __all__ = [
@@ -321,7 +322,7 @@ def extract_fingerprint(
             if progress:
                 progress(i + 1, len(spec.cases))
     else:
-        with ProcessPoolExecutor(max_workers=min(workers, len(spec.cases))) as pool:
+        with worker_pool(min(workers, len(spec.cases))) as pool:
             futures = {pool.submit(_analyse_case, spec, case, n_per_case, seed): case.id for case in spec.cases}
             for i, fut in enumerate(as_completed(futures)):
                 results[futures[fut]] = fut.result()

@@ -22,7 +22,7 @@ from autoseg.training.jobs import Job, detect_devices, run_jobs
 from autoseg.training.splits import load_or_make_splits
 from autoseg.training.trainer import TrainOptions, fold_dir, train_fold
 
-__all__ = ["run_pipeline", "train_jobs"]
+__all__ = ["resume_summary", "run_pipeline", "train_jobs"]
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +85,36 @@ def train_jobs(
             f"{len(failed)} of {len(results)} training job(s) failed: "
             + ", ".join(f"{r.job.config} fold {r.job.fold} (log {r.log})" for r in failed)
         )
+
+
+def resume_summary(run_dir: Path | str) -> str | None:
+    """Where ``autoseg run`` on ``run_dir`` resumes (what is finished, which folds stopped at which epoch), or None
+    for a new run folder."""
+    from autoseg.preprocessing.store import list_cases
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "fingerprint.json").is_file():
+        return None
+    done = ["fingerprint"]
+    if not (run_dir / "plans.json").is_file():
+        return "resuming after the fingerprint: planning next"
+    done.append("plan")
+    stored = {f.name: len(list_cases(f)) for f in sorted((run_dir / "preprocessed").glob("*")) if f.is_dir()}
+    if stored:
+        done.append("preprocessed " + ", ".join(f"{n} ({k} cases)" for n, k in stored.items()))
+    finished, partial = [], []
+    for folder in sorted((run_dir / "models").glob("*/fold_*")):
+        name = f"{folder.parent.name} {folder.name}"
+        if (folder / "checkpoint_final.pt").is_file():
+            finished.append(name)
+        elif (folder / "checkpoint_latest.pt").is_file() and (folder / "log.jsonl").is_file():
+            partial.append(f"{name} at epoch {len((folder / 'log.jsonl').read_text().splitlines())}")
+    if finished:
+        done.append(f"{len(finished)} fold(s) trained ({', '.join(finished)})")
+    text = "done: " + "; ".join(done)
+    if partial:
+        text += "; resuming " + ", ".join(partial)
+    return text
 
 
 def run_pipeline(

@@ -25,8 +25,9 @@ import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
 
-__all__ = ["Terminated", "die_with_parent", "sigterm_raises", "tethered_command"]
+__all__ = ["Terminated", "die_with_parent", "sigterm_raises", "tethered_command", "worker_pool"]
 
 _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
@@ -94,6 +95,18 @@ def die_with_parent(
         daemon=True,
     )
     watch.start()
+
+
+def _pool_worker_start(parent_pid: int) -> None:
+    die_with_parent(parent_pid, sig=signal.SIGKILL)
+
+
+def worker_pool(max_workers: int) -> ProcessPoolExecutor:
+    """A process pool whose workers end with this process, however it ends (they have nothing to save: SIGKILL).
+
+    Use it from the main thread (see :func:`die_with_parent`); every pool in autoseg is made here.
+    """
+    return ProcessPoolExecutor(max_workers=max_workers, initializer=_pool_worker_start, initargs=(os.getpid(),))
 
 
 _handler_pid: int | None = None  # the process that installed _raise_terminated

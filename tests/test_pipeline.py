@@ -158,3 +158,29 @@ def test_a_budget_for_one_model_trains_it_on_all_cases(tmp_path):
         len(written) == 1
         and read_header(written[0]).shape_zyx == read_header(next((data / "imagesTs").iterdir())).shape_zyx
     )
+
+
+def test_resume_summary_says_where_a_run_resumes(tmp_path):
+    from autoseg.pipeline import resume_summary
+
+    assert resume_summary(tmp_path) is None
+    (tmp_path / "fingerprint.json").write_text("{}")
+    assert "planning next" in resume_summary(tmp_path)
+    (tmp_path / "plans.json").write_text("{}")
+    store = tmp_path / "preprocessed" / "3d_fullres"
+    store.mkdir(parents=True)
+    for case in ("a", "b"):
+        (store / f"{case}.json").write_text("{}")
+        (store / f"{case}.npy").write_bytes(b"")
+    (store / "c.json").write_text("{}")  # interrupted: no array yet
+    done = tmp_path / "models" / "3d_fullres" / "fold_0"
+    partial = tmp_path / "models" / "3d_fullres" / "fold_1"
+    for folder in (done, partial):
+        folder.mkdir(parents=True)
+    (done / "checkpoint_final.pt").write_bytes(b"")
+    (partial / "checkpoint_latest.pt").write_bytes(b"")
+    (partial / "log.jsonl").write_text("{}\n{}\n{}\n")
+    assert resume_summary(tmp_path) == (
+        "done: fingerprint; plan; preprocessed 3d_fullres (2 cases); 1 fold(s) trained (3d_fullres fold_0); "
+        "resuming 3d_fullres fold_1 at epoch 3"
+    )

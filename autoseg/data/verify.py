@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,6 +13,7 @@ from autoseg.data.dataset import Case, DatasetSpec, scan
 from autoseg.data.geometry import Geometry
 from autoseg.data.io import read_header, read_image, read_label
 from autoseg.errors import AutosegError
+from autoseg.processes import worker_pool
 
 __all__ = ["VerifyReport", "verify_dataset"]
 
@@ -140,7 +141,7 @@ def verify_dataset(
     cases = list(spec.cases) + list(spec.test_cases)
     seen: set[int] = set()
     results: dict[str, tuple[list[str], list[str], set[int]]] = {}
-    with ProcessPoolExecutor(max_workers=max(1, min(workers or 2, len(cases) or 1))) as pool:
+    with worker_pool(max(1, min(workers or 2, len(cases) or 1))) as pool:
         futures = {
             pool.submit(_check_case, spec, c): c.id + ("" if i < len(spec.cases) else " (test)")
             for i, c in enumerate(cases)

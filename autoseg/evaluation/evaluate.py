@@ -16,7 +16,6 @@ import logging
 import math
 import os
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from autoseg.data.io import file_ending, read_label, strip_ending
 from autoseg.errors import DatasetError
 from autoseg.evaluation.metrics import ClassMetrics, class_metrics, evaluate_case
 from autoseg.files import write_text_atomic
+from autoseg.processes import worker_pool
 from autoseg.serialization import save_json
 
 __all__ = ["SUMMARY_FORMAT", "SUMMARY_METRICS", "MetricStats", "CaseResult", "Summary", "evaluate_folders"]
@@ -214,7 +214,7 @@ def _map(jobs: list[tuple], workers: int | None) -> list[tuple[dict[str, ClassMe
     workers = min(os.cpu_count() or 1, len(jobs)) if workers is None else workers
     if workers <= 1 or len(jobs) == 1:
         return [_evaluate_pair(*job) for job in jobs]
-    with ProcessPoolExecutor(max_workers=workers) as pool:
+    with worker_pool(workers) as pool:
         return list(pool.map(_evaluate_pair, *zip(*jobs)))
 
 

@@ -15,7 +15,7 @@ import json
 import logging
 import os
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import as_completed
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -48,6 +48,7 @@ from autoseg.preprocessing.store import (
     write_case,
     write_store_info,
 )
+from autoseg.processes import worker_pool
 from autoseg.runfolder import dataset_dir
 from autoseg.serialization import to_jsonable
 
@@ -429,7 +430,7 @@ def preprocess(
             if progress:
                 progress(len(done), len(jobs))
         return sorted(done)
-    with ProcessPoolExecutor(max_workers=min(n_workers, len(jobs))) as pool:
+    with worker_pool(min(n_workers, len(jobs))) as pool:
         futures = {pool.submit(_run_case, spec, case, plans, todo, sig): case.id for case, todo, sig in jobs}
         try:
             for future in as_completed(futures):

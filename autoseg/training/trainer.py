@@ -434,8 +434,10 @@ def _finish_epoch(
     write_text_atomic(out / "log.jsonl", "".join(json.dumps(h) + "\n" for h in history))
     plot_training_curves(history, out / "training_curve.png")
     dice = ", ".join("-" if d is None else f"{d:.3f}" for d in record["val_dice"])
+    left = c.training.epochs - record["epoch"] - 1
+    recent = [h["seconds"] for h in history[-5:]]
     log.info(
-        "epoch %d/%d  loss %.4f  val loss %.4f  pseudo-Dice [%s]  EMA %.4f  lr %.2e  %.1fs (%.2fs/it)",
+        "epoch %d/%d  loss %.4f  val loss %.4f  pseudo-Dice [%s]  EMA %.4f  lr %.2e  %.1fs (%.2fs/it)  ETA %s",
         record["epoch"] + 1,
         c.training.epochs,
         record["train_loss"],
@@ -445,8 +447,17 @@ def _finish_epoch(
         record["lr"],
         record["seconds"],
         record["seconds_per_iteration"],
+        _duration(left * sum(recent) / len(recent)),
     )
     return max(best_ema, ema)
+
+
+def _duration(seconds: float) -> str:
+    """``1h05m``, ``4m10s`` or ``12s``."""
+    seconds = int(round(seconds))
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
 def _predict_validation(run_dir: Path, plans: Plans, config: str, fold, out: Path, device: str) -> None:

@@ -192,3 +192,18 @@ def test_fallback_watchdog_without_prctl(tmp_path):
     """)
     proc = _start([sys.executable, "-c", script], tmp_path)
     _kill_and_check(proc, deepest=1, sig=signal.SIGKILL)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=lambda s: s.name)
+def test_pool_workers_end_with_their_parent(tmp_path, sig):
+    """The pools of fingerprint, preprocessing, verification and evaluation (``worker_pool``): a parent killed with
+    SIGKILL, or ended by SIGTERM without cleanup, takes its pool's workers with it."""
+    script = textwrap.dedent("""
+        import time
+        from autoseg.processes import worker_pool
+        pool = worker_pool(2)
+        futures = [pool.submit(time.sleep, 120) for _ in range(2)]
+        time.sleep(120)
+    """)
+    proc = _start([sys.executable, "-c", script], tmp_path)
+    _kill_and_check(proc, deepest=1, sig=sig)
