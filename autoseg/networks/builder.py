@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from autoseg.networks.spec import NetworkSpec
 from autoseg.networks.unet import UNet
-from autoseg.planning.plans import NetworkSpec
 
 __all__ = ["build_network"]
 

@@ -1,7 +1,7 @@
 """The U-Net: an encoder of registered blocks, a transposed-convolution decoder and deep-supervision heads.
 
 The network takes primitive arguments only (no plan, no files); :func:`autoseg.networks.builder.build_network`
-adapts a plan's :class:`~autoseg.planning.plans.NetworkSpec` to it.
+adapts a plan's :class:`~autoseg.networks.spec.NetworkSpec` to it.
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from autoseg.networks.spec import NetworkSpec
 from autoseg.serialization import load_json, save_json
 
 __all__ = [
@@ -30,40 +31,6 @@ __all__ = [
 ]
 
 FORMAT = 1
-
-
-@dataclass(frozen=True)
-class NetworkSpec:
-    """A U-Net: encoder stages (convolution blocks + downsampling by ``strides``), mirrored decoder.
-
-    ``block`` names an entry of the block registry (``plain``: ``n_conv_per_stage`` convolutions per encoder
-    stage; ``residual``: ``n_conv_per_stage`` residual blocks of two convolutions). ``strides[0]`` is the stride
-    of the first stage (all ones: no downsampling before the first stage).
-    """
-
-    n_stages: int
-    features_per_stage: tuple[int, ...]
-    kernel_sizes: tuple[tuple[int, ...], ...]
-    strides: tuple[tuple[int, ...], ...]
-    n_conv_per_stage: tuple[int, ...]
-    n_conv_per_stage_decoder: tuple[int, ...]
-    block: str = "plain"
-    norm: str = "instance"
-    nonlin: str = "leaky_relu"
-    deep_supervision: bool = True
-    conv_bias: bool = True
-
-    @property
-    def ndim(self) -> int:
-        return len(self.kernel_sizes[0])
-
-    @property
-    def total_stride(self) -> tuple[int, ...]:
-        """Product of the strides per axis: the patch size must be divisible by it."""
-        out = [1] * self.ndim
-        for s in self.strides:
-            out = [a * b for a, b in zip(out, s)]
-        return tuple(out)
 
 
 @dataclass(frozen=True)
