@@ -132,14 +132,14 @@ def _folds(value: str) -> list[str] | str:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from autoseg.pipeline import train_jobs
+    from autoseg.pipeline import train_and_validate, train_jobs
     from autoseg.planning.plans import load_plans
-    from autoseg.training.trainer import TrainOptions, train_fold
+    from autoseg.training.trainer import TrainOptions
 
     plans = load_plans(args.run)  # --set overrides are applied (and recorded with each fold) by the training
     options = TrainOptions(device=args.device, workers=args.workers)
     if args.no_jobs:  # one job in this process (used by the job launcher)
-        train_fold(args.run, args.config[0], args.fold, plans=plans, overrides=args.set, options=options)
+        train_and_validate(args.run, args.config[0], args.fold, plans=plans, overrides=args.set, options=options)
         return 0
     train_jobs(
         Path(args.run), plans, args.config, _folds(args.fold), devices=args.devices, overrides=args.set, options=options

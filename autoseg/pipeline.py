@@ -22,11 +22,43 @@ from autoseg.training.jobs import Job, detect_devices, run_jobs
 from autoseg.training.splits import load_or_make_splits
 from autoseg.training.trainer import TrainOptions, fold_dir, train_fold
 
-__all__ = ["resume_summary", "run_pipeline", "train_jobs"]
+__all__ = ["fold_finished", "resume_summary", "run_pipeline", "train_and_validate", "train_jobs"]
 
 log = logging.getLogger(__name__)
 
 Progress = Callable[[str], Callable[[int, int], None] | None]
+
+
+def fold_finished(run_dir: Path | str, config: str, fold: str, *, validate: bool = True) -> bool:
+    """The fold's final checkpoint exists and, for a cross-validation fold, its validation cases are predicted
+    and evaluated (a run killed between the two predicts them when it is run again)."""
+    folder = fold_dir(run_dir, config, fold)
+    if not (folder / "checkpoint_final.pt").is_file():
+        return False
+    return not validate or fold == "all" or (folder / "validation" / "summary.json").is_file()
+
+
+def train_and_validate(
+    run_dir: Path | str,
+    config: str,
+    fold: str,
+    *,
+    plans: Plans,
+    overrides: Sequence[str] = (),
+    options: TrainOptions | None = None,
+    validate: bool = True,
+) -> None:
+    """One (configuration, fold) job: :func:`train_fold` (resumed if interrupted), then, on the main process, the
+    full-resolution prediction and evaluation of the fold's validation cases (resumed case by case)."""
+    from autoseg.inference.validation import predict_validation
+    from autoseg.training.distributed import is_main_process
+
+    options = options or TrainOptions()
+    train_fold(run_dir, config, fold, plans=plans, overrides=overrides, options=options)
+    if not is_main_process() or fold_finished(run_dir, config, fold, validate=validate):
+        return
+    if (fold_dir(run_dir, config, fold) / "checkpoint_final.pt").is_file():  # not stopped early
+        predict_validation(run_dir, apply_overrides(plans, overrides), config, fold, device=options.device)
 
 
 def train_jobs(
@@ -39,8 +71,10 @@ def train_jobs(
     overrides: Sequence[str] = (),
     in_process: bool | None = None,
     options: TrainOptions | None = None,
+    validate: bool = True,
 ) -> None:
-    """Train (configuration, fold) jobs that are not finished: in this process on a CPU, else spread on GPUs.
+    """Train (configuration, fold) jobs that are not finished (:func:`fold_finished`): in this process on a CPU,
+    else spread on GPUs. Each job is :func:`train_and_validate` (``validate`` False skips the validation cases).
 
     ``overrides`` (``key=value``) are applied to ``plans`` by each job, which records them with its fold.
     """
@@ -59,7 +93,7 @@ def train_jobs(
         Job(c, f, effective.configurations[c].training.gpus_per_job)
         for c in names
         for f in fold_list
-        if not (fold_dir(run_dir, c, f) / "checkpoint_final.pt").is_file()
+        if not fold_finished(run_dir, c, f, validate=validate)
     ]
     if not jobs:
         log.info("every requested fold is trained")
@@ -67,15 +101,14 @@ def train_jobs(
     device_list = detect_devices(devices)
     if in_process or (in_process is None and device_list == ["cpu"]):
         for job in jobs:
-            train_fold(
+            train_and_validate(
                 run_dir,
                 job.config,
                 job.fold,
                 plans=plans,
                 overrides=overrides,
-                options=TrainOptions(
-                    device=device_list[0], workers=options.workers, predict_validation=options.predict_validation
-                ),
+                options=TrainOptions(device=device_list[0], workers=options.workers),
+                validate=validate,
             )
         return
     results = run_jobs(run_dir, jobs, device_list, overrides=overrides)

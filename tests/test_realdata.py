@@ -135,7 +135,7 @@ def test_tiny_training_run_on_real_cases(name, tmp_path):
         assert image.shape[0] == real.n_channels and image.shape[1:] == seg.shape
         assert set(np.unique(seg).tolist()) <= set(real.label_values)
 
-    options = TrainOptions(device="cpu", workers=0, deterministic=True, predict_validation=False)
+    options = TrainOptions(device="cpu", workers=0, deterministic=True)
     fold = train_fold(run, real.configuration, 0, options=options)
     assert (fold / "checkpoint_final.pt").is_file()
     (record,) = [json.loads(line) for line in (fold / "log.jsonl").read_text().splitlines()]

@@ -232,7 +232,7 @@ class Objective:
         )
         start = time.perf_counter()
         reporter = EpochReporter(trial, epochs)
-        options = TrainOptions(device=s.device, workers=s.workers, predict_validation=False)
+        options = TrainOptions(device=s.device, workers=s.workers)
         train_fold(folder, candidate.name, s.fold, plans=trial_plans, options=options, on_epoch_end=reporter)
         trial.set_user_attr("train_seconds", round(time.perf_counter() - start, 2))
         if reporter.pruned_at is not None:

@@ -2,9 +2,9 @@
 
 ``torchrun --nproc_per_node K -m autoseg.cli train RUN -c CONFIG -f FOLD --no-jobs`` starts K processes; each
 reads its rank from the environment torchrun sets. Each rank draws its own batches (seed offset by the rank) of
-``ceil(batch / K)`` samples, gradients are averaged by DDP, and rank 0 alone writes checkpoints, logs and the
-validation predictions. The job placer (:mod:`autoseg.training.jobs`) launches this when a plan asks for
-``training.gpus_per_job`` > 1.
+``ceil(batch / K)`` samples, gradients are averaged by DDP, and rank 0 alone writes checkpoints and logs, and
+predicts the validation cases after training (:func:`autoseg.pipeline.train_and_validate`). The job placer
+(:mod:`autoseg.training.jobs`) launches this when a plan asks for ``training.gpus_per_job`` > 1.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistributedContext", "from_environment"]
+__all__ = ["DistributedContext", "from_environment", "is_main_process"]
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,11 @@ class DistributedContext:
         if dist.is_initialized():
             dist.barrier()
             dist.destroy_process_group()
+
+
+def is_main_process() -> bool:
+    """True outside DDP and on rank 0: the process that writes what a job leaves behind."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def from_environment(device: torch.device) -> DistributedContext | None:

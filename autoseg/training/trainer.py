@@ -53,7 +53,6 @@ class TrainOptions:
     workers: int | None = None
     stop_after_epochs: int | None = None  # end early without finishing (tests, time budgets); resumable
     deterministic: bool = False
-    predict_validation: bool = True
 
 
 @dataclass(frozen=True)
@@ -323,8 +322,6 @@ def _train(
         ddp.close()
     if main and last_epoch == t.epochs and not (out / "checkpoint_final.pt").exists():
         save_checkpoint(out / "checkpoint_final.pt", load_checkpoint(latest))
-        if options.predict_validation and val_ids:
-            _predict_validation(run_dir, plans, c.name, fold, out, options.device)
     return out
 
 
@@ -458,15 +455,6 @@ def _duration(seconds: float) -> str:
     if seconds >= 3600:
         return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
     return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
-
-
-def _predict_validation(run_dir: Path, plans: Plans, config: str, fold, out: Path, device: str) -> None:
-    try:
-        from autoseg.inference.validation import predict_validation
-    except ImportError:  # inference module not available in this build
-        log.warning("validation cases of %s fold %s not predicted: inference module missing", config, fold)
-        return
-    predict_validation(run_dir, plans, config, fold, device=device)
 
 
 def with_epochs(plans: Plans, epochs: int) -> Plans:

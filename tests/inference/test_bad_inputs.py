@@ -24,7 +24,7 @@ from tests.training.test_trainer import make_tiny_run
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Path:
     run = make_tiny_run(tmp_path_factory.mktemp("bad_inputs"), cases=3, epochs=1)
-    train_fold(run, "3d_fullres", "all", options=TrainOptions(device="cpu", workers=0, predict_validation=False))
+    train_fold(run, "3d_fullres", "all", options=TrainOptions(device="cpu", workers=0))
     return run
 
 

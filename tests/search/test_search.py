@@ -305,7 +305,7 @@ def test_cli_search_writes_the_best_plan_that_train_then_reads(run, capsys):
     best = _study(run, "cli").best_trial
     assert plans.search["trial"] == best.number
     assert best.user_attrs["plan"]["patch_size"] == list(plans.configurations["2d"].patch_size)
-    options = TrainOptions(device="cpu", workers=0, stop_after_epochs=1, predict_validation=False)
+    options = TrainOptions(device="cpu", workers=0, stop_after_epochs=1)
     train_fold(run, "2d", 0, options=options)  # `autoseg train` reads RUN/plans.json: the searched plan
     trained = config_from_checkpoint(load_checkpoint(fold_dir(run, "2d", 0) / "checkpoint_latest.pt"))
     assert trained["patch_size"] == best.user_attrs["plan"]["patch_size"]

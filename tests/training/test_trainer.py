@@ -80,7 +80,7 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def test_resume_gives_identical_weights(run_dir, tmp_path):
-    options = TrainOptions(device="cpu", workers=0, deterministic=True, predict_validation=False)
+    options = TrainOptions(device="cpu", workers=0, deterministic=True)
     plans = load_plans(run_dir)
     straight = run_dir.parent / "straight"
     straight.mkdir()
@@ -94,9 +94,7 @@ def test_resume_gives_identical_weights(run_dir, tmp_path):
         "3d_fullres",
         0,
         plans=plans,
-        options=TrainOptions(
-            device="cpu", workers=1, deterministic=True, stop_after_epochs=2, predict_validation=False
-        ),
+        options=TrainOptions(device="cpu", workers=1, deterministic=True, stop_after_epochs=2),
     )
     assert not (b / "checkpoint_final.pt").exists()
     assert load_checkpoint(b / "checkpoint_latest.pt")["epoch"] == 2
@@ -129,7 +127,7 @@ def test_callback_can_stop_training(run_dir):
         1,
         plans=plans,
         on_epoch_end=stop,
-        options=TrainOptions(device="cpu", workers=0, predict_validation=False),
+        options=TrainOptions(device="cpu", workers=0),
     )
     assert len(seen) == 1 and 0.0 <= seen[0][1] <= 1.0
     assert not (out / "checkpoint_final.pt").exists()
