@@ -53,9 +53,9 @@ def _cases(run: Path, folder: Path) -> tuple[Path, Path]:
 
 def main() -> None:
     from autoseg.data.io import read_label
+    from autoseg.devices import cpu_has_native_bf16
     from autoseg.evaluation.evaluate import evaluate_folders
     from autoseg.inference.predict import predict_path
-    from autoseg.inference.predictor import cpu_has_native_bf16
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", type=Path, default=HERE / "work" / "train_cpu_plan" / "run")

@@ -142,7 +142,7 @@ def tool_settings(sides: dict[str, e2e.Side]) -> dict:
     """Both tools' settings as run: network, patch, batch, mirroring (training and prediction), precision."""
     import torch
 
-    from autoseg.inference.predictor import inference_dtype
+    from autoseg.devices import inference_dtype
 
     autoseg = sides["autoseg"].facts
     dtype = inference_dtype("auto", torch.device("cpu"))

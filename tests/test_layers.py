@@ -16,7 +16,7 @@ import autoseg
 ROOT = Path(autoseg.__file__).parent
 
 LAYERS: list[set[str]] = [
-    {"errors", "files", "serialization", "processes"},
+    {"errors", "files", "serialization", "processes", "devices"},
     {"data"},
     {"runfolder"},
     {"fingerprint", "fingerprint_import"},

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from autoseg.data.geometry import Geometry
+from autoseg.devices import inference_dtype, resolve_device
 from autoseg.errors import ConfigError, InferenceError
 from autoseg.inference.postprocessing import PostprocessingSpec, apply_postprocessing
 from autoseg.inference.sliding_window import sliding_window_logits
@@ -28,14 +29,12 @@ from autoseg.planning.plans import Configuration, Plans, load_plans
 from autoseg.preprocessing.preprocess import preprocess_case, revert
 from autoseg.serialization import from_jsonable
 from autoseg.training.checkpoint import config_from_checkpoint, load_checkpoint
-from autoseg.training.trainer import fold_dir, resolve_device
+from autoseg.training.trainer import fold_dir
 
 __all__ = [
-    "PRECISIONS",
     "Member",
     "Prediction",
     "Predictor",
-    "inference_dtype",
     "member_configuration",
     "probabilities_to_labels",
     "trained_folds",
@@ -45,28 +44,6 @@ log = logging.getLogger(__name__)
 
 #: Input voxels per forward pass of the sliding window, by device type.
 TILE_VOXELS = {"cpu": 2**20, "cuda": 2**22}
-PRECISIONS = ("auto", "fp32", "fp16", "bf16")
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes bfloat16 in hardware (AVX512-BF16 or AMX), where bf16 convolutions are ~2x fp32."""
-    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    return any(check is not None and check() for check in checks)
-
-
-def inference_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of the network's forward pass (None: float32).
-
-    ``auto``: float16 on a GPU (as training's mixed precision), bfloat16 on a CPU with native bf16 arithmetic,
-    else float32. Logits are accumulated in float32 whatever the forward precision.
-    """
-    if precision not in PRECISIONS:
-        raise InferenceError(f"precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
-    if precision == "auto":
-        if device.type == "cuda":
-            return torch.float16
-        return torch.bfloat16 if device.type == "cpu" and cpu_has_native_bf16() else None
-    return {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
 
 
 @dataclass

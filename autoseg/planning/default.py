@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from autoseg.devices import planned_precision
 from autoseg.errors import PlanningError
 from autoseg.fingerprint import Fingerprint
 from autoseg.planning import rules
@@ -53,7 +54,7 @@ class Budget:
 
     @property
     def precision(self) -> str:
-        return "fp32" if self.is_cpu else "bf16"
+        return planned_precision(self.device.kind)
 
     def memory_limit(self) -> int:
         return int(self.device.memory_bytes * (0.5 if self.is_cpu else GPU_MEMORY_FILL))

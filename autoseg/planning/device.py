@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 import torch
 
+from autoseg.devices import autocast_dtype
 from autoseg.errors import PlanningError
 from autoseg.planning.plans import DeviceSpec, NetworkSpec
 
@@ -91,7 +92,7 @@ def measure_step_seconds(
     opt = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.99, nesterov=True)
     x = torch.randn(batch_size, in_channels, *patch_size, device=dev)
     y = torch.randint(0, n_outputs, (batch_size, *patch_size), device=dev)
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
+    dtype = autocast_dtype(precision)
     times = []
     for i in range(steps + 1):
         if dev.type == "cuda":

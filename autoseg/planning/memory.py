@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from autoseg.devices import autocast_dtype
 from autoseg.errors import PlanningError
 from autoseg.networks.blocks import get_nonlin, get_norm
 from autoseg.networks.builder import build_network
@@ -392,7 +393,7 @@ def _make_step(spec, in_channels, n_outputs, patch_size, batch_size, precision, 
         sizes.append(tuple(n // k for n, k in zip(sizes[-1], s)))
     n_scales = len(sizes) - 1 if spec.deep_supervision else 1
     targets = [torch.randint(0, n_outputs, (batch_size, *sz), device=dev) for sz in sizes[:n_scales]]
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
+    dtype = autocast_dtype(precision)
     scaler = torch.amp.GradScaler(dev.type, enabled=precision == "fp16")
 
     def step() -> None:

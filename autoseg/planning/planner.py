@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from autoseg.devices import planned_precision
 from autoseg.errors import PlanningError
 from autoseg.fingerprint import Fingerprint, load_fingerprint
 from autoseg.planning import default, rules
@@ -59,7 +60,14 @@ def _throughput(device: DeviceSpec, in_channels: int, n_outputs: int) -> tuple[f
             5, (32, 64, 128, 256, 320), ((3, 3, 3),) * 5, ((1, 1, 1),) + ((2, 2, 2),) * 4, (2,) * 5, (2,) * 4
         )
         seconds = measure_step_seconds(
-            probe, in_channels, n_outputs, (64, 128, 128), 2, device="cuda", precision="bf16", steps=3
+            probe,
+            in_channels,
+            n_outputs,
+            (64, 128, 128),
+            2,
+            device="cuda",
+            precision=planned_precision("cuda"),
+            steps=3,
         )
         rate = estimate_flops(probe, in_channels, n_outputs, (64, 128, 128), 2) / seconds
         return rate, f"this GPU trains at {rate / 1e12:.1f} TFLOP/s (probe U-Net step measured: {seconds:.3f} s)"

@@ -168,11 +168,11 @@ class Objective:
         """Measured seconds of one training step on the trial device (cached: the rule's is timed once)."""
         key = (network, tuple(patch), batch)
         if key not in self._seconds:
+            from autoseg.devices import planned_precision, resolve_device
             from autoseg.planning.device import measure_step_seconds
-            from autoseg.training.trainer import resolve_device
 
             device = resolve_device(self.settings.device)
-            precision = "bf16" if device.type == "cuda" else "fp32"
+            precision = planned_precision(device.type)
             n_in, n_out = len(self.plans.channels), self.plans.n_outputs
             self._seconds[key] = measure_step_seconds(
                 network, n_in, n_out, patch, batch, device=str(device), precision=precision, steps=3

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from autoseg.devices import resolve_device, training_dtype
 from autoseg.errors import TrainingError
 from autoseg.files import write_text_atomic
 from autoseg.networks.builder import build_network
@@ -38,7 +39,7 @@ from autoseg.training.loader import BatchLoader, BatchRecipe, CaseData, choose_w
 from autoseg.training.losses import build_loss
 from autoseg.training.splits import fold_cases, load_or_make_splits
 
-__all__ = ["TrainOptions", "PreprocessedCases", "fold_dir", "train_fold", "train_step", "resolve_device"]
+__all__ = ["TrainOptions", "PreprocessedCases", "fold_dir", "train_fold", "train_step"]
 
 log = logging.getLogger(__name__)
 
@@ -75,23 +76,6 @@ def _open_case(folder: Path, case_id: str) -> CaseData:
 
 def fold_dir(run_dir: Path | str, config: str, fold: int | str) -> Path:
     return Path(run_dir) / "models" / config / f"fold_{fold}"
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise TrainingError(f"device {device!r} requested but CUDA is not available; use --device cpu")
-    return torch.device(device)
-
-
-def _precision(configuration: Configuration, device: torch.device) -> torch.dtype | None:
-    precision = configuration.training.precision
-    if precision == "auto":
-        if device.type != "cuda":
-            return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
 
 
 def _lr(configuration: Configuration, epoch: int) -> float:
@@ -231,7 +215,7 @@ def _train(
     if ddp is not None:
         device = ddp.device(device)
     main = ddp is None or ddp.is_main
-    dtype = _precision(c, device)
+    dtype = training_dtype(c.training.precision, device)
     folder = preprocessed_folder(run_dir, c.name)
     cases = list_cases(folder)
     if not cases:
