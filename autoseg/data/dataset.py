@@ -29,6 +29,7 @@ from autoseg.data.io import (
     read_label,
     strip_ending,
 )
+from autoseg.data.labels import foreground_values
 from autoseg.errors import DatasetError, ImageReadError
 
 __all__ = ["Case", "DatasetSpec", "scan", "discover", "load_case", "is_ct_channel", "channel_files"]
@@ -77,7 +78,8 @@ class DatasetSpec:
 
     @property
     def foreground_values(self) -> tuple[int, ...]:
-        return tuple(v for v in self.label_values if v != 0)
+        """Label values of the classes to segment (background and the ignore label excluded)."""
+        return foreground_values(self.labels, self.ignore_label)
 
     def label_name(self, value: int) -> str:
         for name, v in self.labels.items():

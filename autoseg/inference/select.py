@@ -108,7 +108,7 @@ def _per_case_dice(summary) -> dict[str, float]:
 
 
 def _postprocessing_candidates(plans: Plans, fingerprint) -> list[PostprocessingSpec]:
-    classes = [v for v in plans.labels.values() if v not in (0, plans.ignore_label)]
+    classes = plans.foreground_values
     specs = [PostprocessingSpec(keep_largest_foreground=True)]
     specs += [PostprocessingSpec(keep_largest_classes=(v,)) for v in classes]
     for cls in fingerprint.classes if fingerprint is not None else ():
@@ -123,7 +123,7 @@ def _choose_postprocessing(
     """Greedy: accept each candidate that improves the mean Dice without lowering any class's mean Dice."""
     if plans.regions:
         return None, {}
-    classes = [v for v in plans.labels.values() if v not in (0, plans.ignore_label)]
+    classes = plans.foreground_values
     cases = []
     for case, path in files.items():
         pred, geometry = read_label(path)
@@ -195,7 +195,7 @@ def select(run_dir: Path | str, *, configurations: list[str] | None = None) -> S
             refs,
             regions=plans.regions or None,
             ignore_label=plans.ignore_label,
-            labels=None if plans.regions else [v for v in plans.labels.values() if v not in (0, plans.ignore_label)],
+            labels=None if plans.regions else list(plans.foreground_values),
             workers=1,
             only_cases=case_ids,
         )

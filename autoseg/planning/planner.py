@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from autoseg.data import labels as label_layout
 from autoseg.devices import planned_precision
 from autoseg.errors import PlanningError
 from autoseg.fingerprint import Fingerprint, load_fingerprint
@@ -168,7 +169,7 @@ def make_plans(
         return apply_overrides(plans, overrides)
     fp = fingerprint
     dev = describe_device(device, gpu_memory_gb)
-    n_outputs = len(fp.regions) if fp.regions else len([v for v in fp.labels.values() if v != fp.ignore_label])
+    n_outputs = label_layout.n_outputs(fp.labels, fp.regions, fp.ignore_label)
     if cpu_flops is not None and dev.kind == "cpu":
         rate, rate_why = cpu_flops, f"CPU throughput given: {cpu_flops / 1e9:g} GFLOP/s"
     else:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from autoseg.data.labels import foreground_values, n_outputs
 from autoseg.networks.spec import NetworkSpec
 from autoseg.serialization import load_json, save_json
 
@@ -188,9 +189,12 @@ class Plans:
     @property
     def n_outputs(self) -> int:
         """Network output channels: one per region, or one per label value (background included)."""
-        if self.regions:
-            return len(self.regions)
-        return len([v for v in self.labels.values() if v != self.ignore_label])
+        return n_outputs(self.labels, self.regions, self.ignore_label)
+
+    @property
+    def foreground_values(self) -> tuple[int, ...]:
+        """Label values of the classes to segment (background and the ignore label excluded)."""
+        return foreground_values(self.labels, self.ignore_label)
 
     def save(self, path: Path) -> None:
         save_json(self, path)

@@ -295,7 +295,7 @@ def _case_signature(case: Case) -> str:
 
 
 def _foreground_classes(plans: Plans) -> list[int]:
-    return sorted(v for v in plans.labels.values() if v != 0 and v != plans.ignore_label)
+    return list(plans.foreground_values)
 
 
 def _run_case(spec: DatasetSpec, case: Case, plans: Plans, targets: list[_Target], signature: str) -> str:

@@ -34,6 +34,7 @@ from typing import Any
 
 import optuna
 
+from autoseg.data.labels import foreground_names
 from autoseg.errors import AutosegError, PlanningError
 from autoseg.planning.plans import NetworkSpec, Plans
 from autoseg.search.space import Candidate, Limits, sample_candidate
@@ -250,9 +251,7 @@ class Objective:
         if s.value == "pseudo_dice":
             lines = (fold_dir(folder, name, s.fold) / "log.jsonl").read_text().splitlines()
             last = json.loads(lines[-1])
-            classes = list(plans.regions) or [
-                k for k, v in sorted(plans.labels.items(), key=lambda kv: kv[1]) if v not in (0, plans.ignore_label)
-            ]
+            classes = list(plans.regions) or list(foreground_names(plans.labels, plans.ignore_label))
             return float(last["ema_dice"]), {c: d for c, d in zip(classes, last["val_dice"]) if d is not None}
         from autoseg.inference.validation import predict_validation
 
