@@ -210,7 +210,7 @@ def make_plans(
     plans = Plans(
         dataset_name=fp.dataset_name,
         planner="autoseg-default",
-        device=dev,
+        device=dataclasses.replace(dev, flops_per_second=budget.flops_per_second),
         channels=tuple(c.name for c in fp.channels),
         labels=dict(fp.labels),
         transpose_forward=tuple(forward),

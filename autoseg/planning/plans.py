@@ -152,12 +152,17 @@ class Configuration:
 
 @dataclass(frozen=True)
 class DeviceSpec:
-    """What the plan was made for: ``cpu`` or ``cuda``, the memory budget per job in bytes and CPU cores."""
+    """What the plan was made for: ``cpu`` or ``cuda``, the memory budget per job in bytes and CPU cores.
+
+    ``flops_per_second``: the training throughput the planner measured (CPU) or assumed (GPU) and sized the
+    networks and epochs with; None for plans made without one (the nnU-Net presets).
+    """
 
     kind: str
     memory_bytes: int
     name: str = ""
     cpu_cores: int = 1
+    flops_per_second: float | None = None
 
 
 @dataclass(frozen=True)

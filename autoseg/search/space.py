@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -160,19 +159,11 @@ def rule_params(plans: Plans, config: str) -> dict[str, Any]:
     }
 
 
-_THROUGHPUT = re.compile(r"(\d+(?:\.\d+)?)\s*([GT])FLOP/s")
-
-
 def limits_for(plans: Plans, flops_per_second: float | None = None) -> Limits:
-    """Limits for the plan's device; the throughput is read from the plan's reasons unless given."""
-    knows = True
-    if flops_per_second is None:
-        found = [m for line in plans.why for m in _THROUGHPUT.findall(line)]
-        if found:
-            value, unit = found[-1]
-            flops_per_second = float(value) * (1e9 if unit == "G" else 1e12)
-        else:
-            flops_per_second, knows = 1.0, False
+    """Limits for the plan's device, with the throughput the plan was made with (``plans.device``) unless given."""
+    flops_per_second = flops_per_second or plans.device.flops_per_second
+    knows = flops_per_second is not None
+    flops_per_second = flops_per_second or 1.0
     budget = default.Budget(plans.device, flops_per_second, plans.n_outputs, len(plans.channels))
     return Limits(budget, knows)
 

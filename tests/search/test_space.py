@@ -61,7 +61,9 @@ def test_rule_params_lie_inside_the_space(plans):
 def test_throughput_is_read_from_the_plan(plans):
     limits = limits_for(plans)
     assert limits.knows_speed and limits.budget.flops_per_second == pytest.approx(5e7)
-    bare = dataclasses.replace(plans, why=())
+    assert plans.device.flops_per_second == pytest.approx(5e7)  # a typed field, not prose in ``why``
+    assert limits_for(dataclasses.replace(plans, why=())).knows_speed
+    bare = dataclasses.replace(plans, device=dataclasses.replace(plans.device, flops_per_second=None))
     assert not limits_for(bare).knows_speed
     assert limits_for(bare, 2e9).budget.flops_per_second == 2e9
 
