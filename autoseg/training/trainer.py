@@ -24,11 +24,12 @@ import numpy as np
 import torch
 
 from autoseg.devices import resolve_device, training_dtype
-from autoseg.errors import TrainingError
+from autoseg.errors import ConfigError, TrainingError
 from autoseg.files import write_text_atomic
 from autoseg.networks.builder import build_network
 from autoseg.planning.overrides import apply_overrides
 from autoseg.planning.plans import Configuration, Plans, load_plans
+from autoseg.preprocessing.preprocess import plan_hash
 from autoseg.preprocessing.store import list_cases, preprocessed_folder, read_case, read_class_locations
 from autoseg.serialization import to_jsonable
 from autoseg.training.augmentation import deep_supervision_scales, sampling_patch_size
@@ -182,7 +183,14 @@ def train_fold(
     ``on_epoch_end(epoch, record)`` may return True to stop (pruning). Returns the folder.
     """
     run_dir = Path(run_dir)
-    plans = apply_overrides(plans or load_plans(run_dir), overrides)
+    planned = plans or load_plans(run_dir)
+    plans = apply_overrides(planned, overrides)
+    if overrides and config in planned.configurations and plan_hash(planned, config) != plan_hash(plans, config):
+        raise ConfigError(
+            f"--set {' '.join(overrides)}: changes how {config} is preprocessed (spacing, normalization, resampling, "
+            "labels or channels), so the preprocessed data would not match what the network is trained for; put the "
+            f"change in {run_dir / 'plans.json'} and run `autoseg preprocess` again"
+        )
     if config not in plans.configurations:
         raise TrainingError(
             f"configuration {config!r} not in {run_dir / 'plans.json'}; available: {', '.join(plans.configurations)}"

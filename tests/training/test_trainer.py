@@ -186,3 +186,10 @@ def test_data_parallel_job_with_torchrun_on_cpu(run_dir):
     assert state["epoch"] == 2 and not any(k.startswith("module.") for k in state["network"])
     assert len((out / "log.jsonl").read_text().splitlines()) == 2
     assert (out / "validation" / "summary.json").is_file()
+
+
+def test_overrides_that_change_preprocessing_are_refused(run_dir):
+    """The preprocessed data were made with the plan's spacing: a network trained with another would be wrong."""
+    with pytest.raises(ConfigError, match=r"changes how 3d_fullres is preprocessed .*`autoseg preprocess`"):
+        train_fold(run_dir, "3d_fullres", 3, overrides=["3d_fullres.spacing=[3.0,1.6,1.6]"])
+    assert not (run_dir / "models" / "3d_fullres" / "fold_3" / "log.jsonl").exists()
