@@ -194,8 +194,8 @@ def autoseg_worker(setup: dict) -> None:
 
     import autoseg
     from autoseg.networks.builder import build_network
+    from autoseg.networks.losses import build_loss
     from autoseg.planning.plans import LossSpec, TrainingSpec
-    from autoseg.training.losses import build_loss
 
     device = torch.device(setup["device"])
     torch.backends.cudnn.benchmark = bool(setup.get("cudnn_benchmark"))

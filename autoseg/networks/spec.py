@@ -1,10 +1,14 @@
-"""What a network is, as the plan records it: the networks own their description, the planner fills it in."""
+"""What a network and its loss are, as the plan records them: the networks own their description, the planner
+fills it in."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-__all__ = ["NetworkSpec"]
+__all__ = ["GRAD_CLIP", "LossSpec", "NetworkSpec"]
+
+#: Gradient-norm clipping of training (``training.grad_clip``'s default) and of the planner's probes.
+GRAD_CLIP = 12.0
 
 
 @dataclass(frozen=True)
@@ -39,3 +43,12 @@ class NetworkSpec:
         for s in self.strides:
             out = [a * b for a, b in zip(out, s)]
         return tuple(out)
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """Loss: a registered name plus its options (``dice_ce``: soft Dice + cross-entropy)."""
+
+    name: str = "dice_ce"
+    batch_dice: bool = False
+    options: dict[str, float] = field(default_factory=dict)

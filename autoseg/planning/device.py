@@ -15,7 +15,6 @@ from collections.abc import Sequence
 
 import torch
 
-from autoseg.devices import autocast_dtype
 from autoseg.errors import PlanningError
 from autoseg.planning.plans import DeviceSpec, NetworkSpec
 
@@ -79,32 +78,22 @@ def measure_step_seconds(
     steps: int = 3,
     precision: str = "fp32",
 ) -> float:
-    """Fastest of ``steps`` timed training steps after one warm-up step (real network, real loss).
+    """Fastest of ``steps`` timed training steps after one warm-up step: the trainer's step with the plan's network
+    and default loss (:func:`autoseg.networks.step.probe_step`).
 
     The minimum, not the mean: other processes can only slow a step down, so the fastest is the best estimate of
     what the machine does when training has it to itself.
     """
-    from autoseg.networks.builder import build_network  # networks import torch.nn; keep planning import-light
+    from autoseg.networks.step import probe_step  # networks import torch.nn; keep planning import-light
 
     dev = torch.device(device)
-    torch.manual_seed(0)
-    net = build_network(spec, in_channels, n_outputs).to(dev)
-    opt = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.99, nesterov=True)
-    x = torch.randn(batch_size, in_channels, *patch_size, device=dev)
-    y = torch.randint(0, n_outputs, (batch_size, *patch_size), device=dev)
-    dtype = autocast_dtype(precision)
+    step, _ = probe_step(spec, in_channels, n_outputs, patch_size, batch_size, precision=precision, device=dev)
     times = []
     for i in range(steps + 1):
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         start = time.perf_counter()
-        with torch.autocast(dev.type, dtype=dtype, enabled=dtype is not None):
-            out = net(x)
-            out = out[0] if isinstance(out, (list, tuple)) else out
-            loss = torch.nn.functional.cross_entropy(out.float(), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        step()
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         if i:

@@ -46,12 +46,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
-from autoseg.devices import autocast_dtype
 from autoseg.errors import PlanningError
 from autoseg.networks.blocks import get_nonlin, get_norm
-from autoseg.networks.builder import build_network
+from autoseg.networks.step import probe_step
 from autoseg.planning.plans import NetworkSpec
 
 __all__ = [
@@ -370,7 +368,9 @@ def measure_training_memory(
     if dev.type == "cuda":
         torch.cuda.synchronize()
         before = torch.cuda.memory_allocated()
-    step, settle = _make_step(spec, in_channels, n_outputs, patch_size, batch_size, precision, dev, seed)
+    step, settle = probe_step(
+        spec, in_channels, n_outputs, patch_size, batch_size, precision=precision, device=dev, seed=seed
+    )
     step()  # warm-up: momentum buffers, cuDNN autotuning
     live = settle()
     if dev.type == "cuda":
@@ -380,55 +380,6 @@ def measure_training_memory(
         torch.cuda.synchronize()
         return int(torch.cuda.max_memory_allocated() - before)
     return _cpu_peak(step, live)
-
-
-def _make_step(spec, in_channels, n_outputs, patch_size, batch_size, precision, dev, seed):
-    """Build network, optimizer and a random batch; return ``step()`` and ``settle()``."""
-    torch.manual_seed(seed)
-    net = build_network(spec, in_channels, n_outputs).to(dev)
-    opt = torch.optim.SGD(net.parameters(), lr=1e-2, momentum=0.99, nesterov=True, weight_decay=3e-5)
-    x = torch.randn(batch_size, in_channels, *patch_size, device=dev)
-    sizes = [tuple(patch_size)]
-    for s in spec.strides[1:]:
-        sizes.append(tuple(n // k for n, k in zip(sizes[-1], s)))
-    n_scales = len(sizes) - 1 if spec.deep_supervision else 1
-    targets = [torch.randint(0, n_outputs, (batch_size, *sz), device=dev) for sz in sizes[:n_scales]]
-    dtype = autocast_dtype(precision)
-    scaler = torch.amp.GradScaler(dev.type, enabled=precision == "fp16")
-
-    def step() -> None:
-        opt.zero_grad(set_to_none=True)
-        with torch.autocast(dev.type, dtype=dtype, enabled=dtype is not None):
-            outputs = net(x)
-            loss = _dice_ce(outputs if isinstance(outputs, list) else [outputs], targets)
-        scaler.scale(loss).backward()
-        scaler.unscale_(opt)
-        torch.nn.utils.clip_grad_norm_(net.parameters(), 12.0)
-        scaler.step(opt)
-        scaler.update()
-
-    def settle() -> int:
-        """Free the gradients; return the bytes that stay alive between steps."""
-        opt.zero_grad(set_to_none=True)
-        tensors = [*net.parameters(), *net.buffers(), x, *targets]
-        tensors += [v for state in opt.state.values() for v in state.values() if torch.is_tensor(v)]
-        return sum(t.untyped_storage().nbytes() for t in tensors)
-
-    return step, settle
-
-
-def _dice_ce(outputs, targets):
-    """Cross-entropy + soft Dice (foreground classes) per scale, weights halving with resolution."""
-    weights = [0.5**i for i in range(len(outputs))]
-    total = 0.0
-    for w, logits, target in zip(weights, outputs, targets):
-        logits = logits.float()
-        probs = torch.softmax(logits, 1)
-        onehot = torch.zeros_like(probs).scatter_(1, target.unsqueeze(1), 1.0)
-        dims = tuple(range(2, probs.ndim))
-        dice = (2 * (probs * onehot).sum(dims) + 1e-5) / (probs.sum(dims) + onehot.sum(dims) + 1e-5)
-        total = total + w * (F.cross_entropy(logits, target) + 1 - dice[:, 1:].mean())
-    return total / sum(weights)
 
 
 def _cpu_peak(step, live_bytes: int) -> int:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from autoseg.data.labels import foreground_values, n_outputs
-from autoseg.networks.spec import NetworkSpec
+from autoseg.networks.spec import GRAD_CLIP, LossSpec, NetworkSpec
 from autoseg.serialization import load_json, save_json
 
 __all__ = [
@@ -67,15 +67,6 @@ class ResamplingSpec:
 
 
 @dataclass(frozen=True)
-class LossSpec:
-    """Loss: a registered name plus its options (``dice_ce``: soft Dice + cross-entropy)."""
-
-    name: str = "dice_ce"
-    batch_dice: bool = False
-    options: dict[str, float] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
 class AugmentationSpec:
     """Spatial and intensity augmentation. Angles in degrees; probabilities per sample.
 
@@ -114,7 +105,7 @@ class TrainingSpec:
     weight_decay: float = 3e-5
     lr_schedule: str = "poly"
     poly_exponent: float = 0.9
-    grad_clip: float = 12.0
+    grad_clip: float = GRAD_CLIP
     precision: str = "auto"
     seed: int = 12345
     gpus_per_job: int = 1  # > 1: one job data-parallel (DDP, torchrun) over this many GPUs

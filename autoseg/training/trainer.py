@@ -27,6 +27,8 @@ from autoseg.devices import resolve_device, training_dtype
 from autoseg.errors import ConfigError, TrainingError
 from autoseg.files import write_text_atomic
 from autoseg.networks.builder import build_network
+from autoseg.networks.losses import build_loss
+from autoseg.networks.step import train_step
 from autoseg.planning.overrides import apply_overrides
 from autoseg.planning.plans import Configuration, Plans, load_plans
 from autoseg.preprocessing.preprocess import plan_hash
@@ -37,7 +39,6 @@ from autoseg.training.checkpoint import load_checkpoint, save_checkpoint
 from autoseg.training.curves import plot_training_curves
 from autoseg.training.distributed import from_environment
 from autoseg.training.loader import BatchLoader, BatchRecipe, CaseData, choose_workers
-from autoseg.training.losses import build_loss
 from autoseg.training.splits import fold_cases, load_or_make_splits
 
 __all__ = ["TrainOptions", "PreprocessedCases", "fold_dir", "train_fold", "train_step"]
@@ -321,30 +322,6 @@ def _to(batch: dict, device: torch.device) -> tuple[torch.Tensor, list[torch.Ten
     data = torch.from_numpy(batch["data"]).to(device, non_blocking=True)
     targets = [torch.from_numpy(t).to(device, non_blocking=True).long() for t in batch["target"]]
     return data, targets
-
-
-def train_step(
-    network: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler,
-    loss_fn: torch.nn.Module,
-    data: torch.Tensor,
-    targets: list[torch.Tensor],
-    *,
-    dtype: torch.dtype | None,
-    grad_clip: float,
-) -> float:
-    """One optimisation step: forward (autocast when ``dtype``), loss, backward, gradient clipping, step."""
-    optimizer.zero_grad(set_to_none=True)
-    with torch.autocast(data.device.type, dtype=dtype, enabled=dtype is not None):
-        outputs = network(data)
-    loss = loss_fn(outputs, targets if isinstance(outputs, (list, tuple)) else targets[0])
-    scaler.scale(loss).backward()
-    scaler.unscale_(optimizer)
-    torch.nn.utils.clip_grad_norm_(network.parameters(), grad_clip)
-    scaler.step(optimizer)
-    scaler.update()
-    return float(loss.detach())
 
 
 def _run_epoch(

@@ -1,4 +1,4 @@
-"""Tests for autoseg.training.losses."""
+"""Tests for autoseg.networks.losses."""
 
 from __future__ import annotations
 
@@ -11,14 +11,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from autoseg.errors import ConfigError, TrainingError
-from autoseg.planning.plans import LossSpec
-from autoseg.training.losses import (
+from autoseg.networks.losses import (
     build_loss,
     deep_supervision_weights,
     list_losses,
     loss_defaults,
     register_loss,
 )
+from autoseg.planning.plans import LossSpec
 
 ALL = ["ce", "dice", "dice_ce", "dice_focal", "dice_topk", "focal", "topk", "tversky"]
 SHAPES = {"2d": (7, 11), "3d": (5, 7, 9)}

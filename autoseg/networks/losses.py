@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from autoseg.errors import ConfigError, TrainingError
-from autoseg.planning.plans import LossSpec
+from autoseg.networks.spec import LossSpec
 
 __all__ = [
     "DICE_SMOOTH",
