@@ -151,6 +151,7 @@ def test_sigkill_in_every_stage_then_rerun_gives_the_uninterrupted_result(datase
     for stage, condition in TRIGGERS:
         if _kill_when(data, killed, condition, delay=rng.uniform(0, 0.02)):
             hit.append(stage)
+    print("stages killed in:", hit)
     assert len(hit) >= 4, f"the run ended before most kills; stages hit: {hit}"
     _run_to_end(data, killed)
 
