@@ -47,6 +47,7 @@ AUDIT: dict[str, tuple[str, str | None, str]] = {
     "fold_compare_class_balance_isbi_em.json": ("2026-12-07T09:49:28", None, ""),
     "real_isbi_em.json": ("2026-12-07T09:49:13", None, ""),
     "real_hippocampus.json": ("2026-12-07T10:05:33", None, ""),
+    "budget_split_hippocampus.json": ("2026-12-07T11:44:28", None, ""),
 }
 Data = dict[str, Any]
 Cells = tuple[str, str, str, str, str]  # benchmark, autoseg, nnU-Net v2, comparison, conditions
@@ -266,10 +267,31 @@ def fold_compare(d: Data) -> Iterator[Cells]:
             yield f"plan variant '{label}' (cross-validation fold)", cell, "-", comp, cond
 
 
+def budget_split(d: Data) -> Iterator[Cells]:
+    """``budget_split_<dataset>.json`` of benchmarks/budget_split.py: one model vs a 5-fold ensemble at one budget,
+    scored on a development split of the training part; one row per run."""
+    for group, runs in d["runs"].items():
+        for started, e in runs.items():
+            dice, it = e["metrics"]["dice"], e["iterations"]
+            cells = {
+                v: f"Dice {'; '.join(f'{c} {_ci(x[v])}' for c, x in dice.items())}; {it[v]} it"
+                for v in ("one_model", "cross_validation")
+            }
+            comp = f"one model - 5-fold ensemble, mean, paired: {_ci(dice['mean']['one_model_minus_cross_validation'])}"
+            code = e["versions"]["autoseg_commit"]
+            code = code[:7] + ("+uncommitted" if "+" in code else "")
+            cond = (
+                f"{len(e['split']['dev_cases'])} development cases of the training part (seed {e['split']['seed']}; "
+                f"the test split untouched); autoseg {code}, one core each, side by side; {started}"
+            )
+            what = f"budget split, {d['dataset']}, {e['budget_minutes']:g} min: one model | 5-fold ensemble"
+            yield what, cells["one_model"], cells["cross_validation"], comp, cond
+
+
 #: Row builders in table order; each reads the files ``<its name>*.json``.
 BUILDERS: tuple[Callable[[Data], Iterator[Cells]], ...] = (
     fingerprint, preprocess, dataloader, train_step, inference, train_cpu_plan, precision, end_to_end, real,
-    memory_model, search, fold_compare,
+    memory_model, search, fold_compare, budget_split,
 )  # fmt: skip
 
 
