@@ -270,7 +270,7 @@ def fold_compare(d: Data) -> Iterator[Cells]:
 def budget_split(d: Data) -> Iterator[Cells]:
     """``budget_split_<dataset>.json`` of benchmarks/budget_split.py: one model vs a 5-fold ensemble at one budget,
     scored on a development split of the training part; one row per run."""
-    for group, runs in d["runs"].items():
+    for runs in d["runs"].values():
         for started, e in runs.items():
             dice, it = e["metrics"]["dice"], e["iterations"]
             cells = {
