@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from autoseg.errors import AutosegError
-from autoseg.processes import Terminated
+from autoseg.processes import command_status
 
 __all__ = ["main", "build_parser"]
 
@@ -67,7 +67,9 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_fingerprint(args: argparse.Namespace) -> int:
-    out = Path(args.output) / "fingerprint.json"
+    from autoseg.runfolder import RunFolder
+
+    out = RunFolder(args.output).fingerprint
     if args.from_nnunet:
         from autoseg.fingerprint_import import import_nnunet_fingerprint
 
@@ -132,15 +134,12 @@ def _folds(value: str) -> list[str] | str:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from autoseg.pipeline import train_and_validate, train_jobs
+    from autoseg.pipeline import train_jobs
     from autoseg.planning.plans import load_plans
     from autoseg.training.trainer import TrainOptions
 
     plans = load_plans(args.run)  # --set overrides are applied (and recorded with each fold) by the training
     options = TrainOptions(device=args.device, workers=args.workers)
-    if args.no_jobs:  # one job in this process (used by the job launcher)
-        train_and_validate(args.run, args.config[0], args.fold, plans=plans, overrides=args.set, options=options)
-        return 0
     train_jobs(
         Path(args.run), plans, args.config, _folds(args.fold), devices=args.devices, overrides=args.set, options=options
     )
@@ -367,7 +366,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="device of an in-process job (auto, cpu, cuda)")
     p.add_argument("-j", "--workers", type=int, default=None, help="data loader processes (default: from cores/RAM)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a plan field")
-    p.add_argument("--no-jobs", action="store_true", help=argparse.SUPPRESS)
 
     p = add("predict", _cmd_predict, "segment new images with a trained run folder")
     p.add_argument("-m", "--model", type=Path, required=True, help="run folder")
@@ -458,14 +456,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return int(args.func(args) or 0)
-    except AutosegError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt as exc:
-        print("interrupted; finished work is kept, run the same command again to resume", file=sys.stderr)
-        return 143 if isinstance(exc, Terminated) else 130  # 128 + SIGTERM, as job schedulers expect
+    return command_status(lambda: args.func(args))
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from autoseg.data.dataset import Case, DatasetSpec, discover, is_ct_channel, loa
 from autoseg.errors import ConfigError
 from autoseg.files import files_signature
 from autoseg.processes import worker_pool
+from autoseg.runfolder import RunFolder
 from autoseg.serialization import load_json, save_json
 
 __all__ = [
@@ -140,7 +141,7 @@ def load_fingerprint(path: Path | str) -> Fingerprint:
     """Read ``fingerprint.json`` (a run folder is accepted too)."""
     path = Path(path)
     if path.is_dir():
-        path = path / "fingerprint.json"
+        path = RunFolder(path).fingerprint
     return load_json(Fingerprint, path, format_version=FORMAT)
 
 

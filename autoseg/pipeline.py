@@ -17,10 +17,10 @@ from autoseg.planning.overrides import apply_overrides
 from autoseg.planning.planner import plan_run
 from autoseg.planning.plans import Plans, load_plans
 from autoseg.preprocessing.preprocess import preprocess
-from autoseg.runfolder import record_dataset
+from autoseg.runfolder import RunFolder, fold_dir, record_dataset
 from autoseg.training.jobs import Job, detect_devices, run_jobs
 from autoseg.training.splits import load_or_make_splits
-from autoseg.training.trainer import TrainOptions, fold_dir, train_fold
+from autoseg.training.trainer import TrainOptions, train_fold
 
 __all__ = ["fold_finished", "resume_summary", "run_pipeline", "train_and_validate", "train_jobs"]
 
@@ -111,7 +111,7 @@ def train_jobs(
                 validate=validate,
             )
         return
-    results = run_jobs(run_dir, jobs, device_list, overrides=overrides)
+    results = run_jobs(run_dir, jobs, device_list, overrides=overrides, workers=options.workers, validate=validate)
     failed = [r for r in results if not r.ok]
     if failed:
         raise TrainingError(
@@ -126,17 +126,18 @@ def resume_summary(run_dir: Path | str) -> str | None:
     from autoseg.preprocessing.store import list_cases
 
     run_dir = Path(run_dir)
-    if not (run_dir / "fingerprint.json").is_file():
+    run = RunFolder(run_dir)
+    if not run.fingerprint.is_file():
         return None
     done = ["fingerprint"]
-    if not (run_dir / "plans.json").is_file():
+    if not run.plans.is_file():
         return "resuming after the fingerprint: planning next"
     done.append("plan")
-    stored = {f.name: len(list_cases(f)) for f in sorted((run_dir / "preprocessed").glob("*")) if f.is_dir()}
+    stored = {f.name: len(list_cases(f)) for f in sorted(run.preprocessed_root.glob("*")) if f.is_dir()}
     if stored:
         done.append("preprocessed " + ", ".join(f"{n} ({k} cases)" for n, k in stored.items()))
     finished, partial = [], []
-    for folder in sorted((run_dir / "models").glob("*/fold_*")):
+    for folder in sorted(run.models.glob("*/fold_*")):
         name = f"{folder.parent.name} {folder.name}"
         if (folder / "checkpoint_final.pt").is_file():
             finished.append(name)
@@ -176,10 +177,13 @@ def run_pipeline(
     run_dir.mkdir(parents=True, exist_ok=True)
     record_dataset(run_dir, data_dir)
     extract_fingerprint(
-        data_dir, run_dir / "fingerprint.json", workers=workers, progress=progress("fingerprint") if progress else None
+        data_dir,
+        RunFolder(run_dir).fingerprint,
+        workers=workers,
+        progress=progress("fingerprint") if progress else None,
     )
-    if (run_dir / "plans.json").is_file():
-        log.info("%s exists: keeping it (delete it to plan again)", run_dir / "plans.json")
+    if RunFolder(run_dir).plans.is_file():
+        log.info("%s exists: keeping it (delete it to plan again)", RunFolder(run_dir).plans)
     else:
         plan_run(
             run_dir,

@@ -24,10 +24,10 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 
-__all__ = ["Terminated", "die_with_parent", "sigterm_raises", "tethered_command", "worker_pool"]
+__all__ = ["Terminated", "command_status", "die_with_parent", "sigterm_raises", "tethered_command", "worker_pool"]
 
 _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
@@ -95,6 +95,21 @@ def die_with_parent(
         daemon=True,
     )
     watch.start()
+
+
+def command_status(body: Callable[[], int]) -> int:
+    """Run a command's ``body`` and return its exit status: the body's own, 1 after an AutosegError (printed), 130
+    after Ctrl-C and 143 after SIGTERM (128 + the signal, as job schedulers expect), with a line saying so."""
+    from autoseg.errors import AutosegError
+
+    try:
+        return int(body() or 0)
+    except AutosegError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt as exc:
+        print("interrupted; finished work is kept, run the same command again to resume", file=sys.stderr)
+        return 143 if isinstance(exc, Terminated) else 130
 
 
 def _pool_worker_start(parent_pid: int) -> None:

@@ -1,4 +1,16 @@
-"""The run folder's bookkeeping: which dataset it was made from, and references for evaluation.
+"""The run folder: where every stage's output lives (:class:`RunFolder`), and its bookkeeping.
+
+Layout (every path in the package comes from :class:`RunFolder`)::
+
+    RUN/run.json                  the dataset folder the run was made from
+    RUN/fingerprint.json          autoseg fingerprint
+    RUN/plans.json                autoseg plan [search]
+    RUN/splits.json               the cross-validation folds
+    RUN/preprocessed/<data id>/   autoseg preprocess (one folder per data identifier)
+    RUN/models/<config>/fold_<k>/ autoseg train: checkpoints, log, curve, validation/ (out-of-fold predictions)
+    RUN/selection.json            autoseg select
+    RUN/references/               links to the training labels under the names predictions get
+    RUN/search/                   autoseg search: study and trial folders
 
 ``RUN/run.json`` records the dataset folder (absolute path) when the fingerprint is made; later stages that
 need the original images (preprocessing, validation at full resolution, selection) read it from there.
@@ -9,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 from autoseg.data.dataset import DatasetSpec, discover
@@ -16,12 +29,78 @@ from autoseg.data.io import file_ending
 from autoseg.errors import ConfigError
 from autoseg.files import write_text_atomic
 
-__all__ = ["record_dataset", "dataset_dir", "run_dataset", "reference_labels"]
+__all__ = ["RunFolder", "fold_dir", "record_dataset", "dataset_dir", "run_dataset", "reference_labels"]
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    """The paths of a run folder (nothing is created or read here)."""
+
+    root: Path
+
+    def __init__(self, root: Path | str | RunFolder):
+        object.__setattr__(self, "root", Path(root.root if isinstance(root, RunFolder) else root))
+
+    @property
+    def run_info(self) -> Path:
+        return self.root / "run.json"
+
+    @property
+    def fingerprint(self) -> Path:
+        return self.root / "fingerprint.json"
+
+    @property
+    def plans(self) -> Path:
+        return self.root / "plans.json"
+
+    @property
+    def splits(self) -> Path:
+        return self.root / "splits.json"
+
+    @property
+    def selection(self) -> Path:
+        return self.root / "selection.json"
+
+    @property
+    def references(self) -> Path:
+        return self.root / "references"
+
+    @property
+    def search(self) -> Path:
+        return self.root / "search"
+
+    @property
+    def preprocessed_root(self) -> Path:
+        return self.root / "preprocessed"
+
+    def preprocessed(self, data_identifier: str) -> Path:
+        """``preprocessed/<data identifier>`` (a configuration's ``data_identifier``, or its name when unset)."""
+        return self.preprocessed_root / data_identifier
+
+    @property
+    def models(self) -> Path:
+        return self.root / "models"
+
+    def fold(self, config: str, fold: int | str) -> Path:
+        return self.models / config / f"fold_{fold}"
+
+    def checkpoint(self, config: str, fold: int | str, which: str = "final") -> Path:
+        """``checkpoint_<which>.pt`` of a fold: ``final``, ``latest`` or ``best``."""
+        return self.fold(config, fold) / f"checkpoint_{which}.pt"
+
+    def validation(self, config: str, fold: int | str) -> Path:
+        """The fold's out-of-fold predictions and their ``summary.json``."""
+        return self.fold(config, fold) / "validation"
+
+
+def fold_dir(run_dir: Path | str, config: str, fold: int | str) -> Path:
+    """``RUN/models/<config>/fold_<fold>``."""
+    return RunFolder(run_dir).fold(config, fold)
 
 
 def record_dataset(run_dir: Path | str, data_dir: Path | str) -> None:
     """Remember in ``RUN/run.json`` which dataset folder this run is made from."""
-    path = Path(run_dir) / "run.json"
+    path = RunFolder(run_dir).run_info
     info = json.loads(path.read_text()) if path.is_file() else {"format": 1}
     info["data_dir"] = str(Path(data_dir).resolve())
     write_text_atomic(path, json.dumps(info, indent=2) + "\n")
@@ -29,7 +108,7 @@ def record_dataset(run_dir: Path | str, data_dir: Path | str) -> None:
 
 def dataset_dir(run_dir: Path | str) -> Path:
     """The dataset folder recorded in ``RUN/run.json``."""
-    path = Path(run_dir) / "run.json"
+    path = RunFolder(run_dir).run_info
     if not path.is_file():
         raise ConfigError(f"{path}: missing; run `autoseg fingerprint DATA -o {run_dir}` first (it records DATA)")
     data = Path(json.loads(path.read_text())["data_dir"])
@@ -47,7 +126,7 @@ def run_dataset(run_dir: Path | str) -> DatasetSpec:
 
 def reference_labels(run_dir: Path | str, spec: DatasetSpec) -> Path:
     """``RUN/references/<case><ending>``: links to the training label files under the names predictions get."""
-    folder = Path(run_dir) / "references"
+    folder = RunFolder(run_dir).references
     folder.mkdir(parents=True, exist_ok=True)
     for case in spec.cases:
         if case.label is None:

@@ -34,6 +34,7 @@ from autoseg.errors import AutosegError, DatasetError, InferenceError
 from autoseg.files import atomic_path, write_text_atomic
 from autoseg.inference.predictor import Predictor
 from autoseg.planning.plans import Plans
+from autoseg.runfolder import RunFolder
 
 __all__ = ["CaseFailure", "PredictionFailed", "check_image", "collect_inputs", "predict_path"]
 
@@ -158,7 +159,7 @@ def check_image(image: np.ndarray, geometry: Geometry, plans: Plans, spacings: n
 
 
 def _training_spacings(run_dir: Path) -> np.ndarray | None:
-    path = run_dir / "fingerprint.json"
+    path = RunFolder(run_dir).fingerprint
     if not path.is_file():
         return None
     from autoseg.fingerprint import load_fingerprint

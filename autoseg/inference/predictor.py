@@ -10,7 +10,6 @@ configurations are averaged, so at most one full-resolution float array per clas
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -23,13 +22,14 @@ from autoseg.data.geometry import Geometry
 from autoseg.devices import inference_dtype, resolve_device
 from autoseg.errors import ConfigError, InferenceError
 from autoseg.inference.postprocessing import PostprocessingSpec, apply_postprocessing
+from autoseg.inference.selection import load_selection
 from autoseg.inference.sliding_window import sliding_window_logits
 from autoseg.networks.builder import build_network
 from autoseg.planning.plans import Configuration, Plans, load_plans
 from autoseg.preprocessing.preprocess import preprocess_case, revert
+from autoseg.runfolder import RunFolder, fold_dir
 from autoseg.serialization import from_jsonable
 from autoseg.training.checkpoint import config_from_checkpoint, load_checkpoint
-from autoseg.training.trainer import fold_dir
 
 __all__ = [
     "Member",
@@ -89,7 +89,7 @@ def member_configuration(state: dict, plans: Plans, config: str, path: Path) -> 
 
 def trained_folds(run_dir: Path, config: str, checkpoint: str = "final") -> list[str]:
     """Folds of ``config`` that have ``checkpoint_<checkpoint>.pt`` (cross-validation folds before 'all')."""
-    root = Path(run_dir) / "models" / config
+    root = RunFolder(run_dir).models / config
     folds = [p.name[5:] for p in sorted(root.glob("fold_*")) if (p / f"checkpoint_{checkpoint}.pt").is_file()]
     return sorted(folds, key=lambda f: (f == "all", f))
 
@@ -151,12 +151,11 @@ class Predictor:
             mirror_mode = "all" if self.device.type == "cuda" else "single"
         self.mirror_mode, self.step = mirror_mode, step
         self.autocast = inference_dtype(precision, self.device)
-        selection = self.run_dir / "selection.json"
-        if configs is None and selection.is_file():
-            chosen = json.loads(selection.read_text())
-            configs = chosen["configurations"]
-            if postprocessing is None and chosen.get("postprocessing"):
-                postprocessing = PostprocessingSpec(**chosen["postprocessing"])
+        selection = load_selection(self.run_dir) if configs is None else None
+        if selection is not None:
+            configs = list(selection.configurations)
+            if postprocessing is None:
+                postprocessing = selection.postprocessing
         configs = list(configs or [c for c in self.plans.configurations if trained_folds(self.run_dir, c, checkpoint)])
         if not configs:
             raise InferenceError(

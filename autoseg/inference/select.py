@@ -14,7 +14,6 @@ import dataclasses
 import itertools
 import logging
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -27,31 +26,16 @@ from autoseg.evaluation.statistics import paired_bootstrap
 from autoseg.fingerprint import load_fingerprint
 from autoseg.inference.postprocessing import PostprocessingSpec, apply_postprocessing
 from autoseg.inference.predictor import probabilities_to_labels
+from autoseg.inference.selection import Selection
 from autoseg.inference.validation import validation_dir
 from autoseg.planning.plans import Plans, load_plans
-from autoseg.runfolder import reference_labels, run_dataset
+from autoseg.runfolder import RunFolder, reference_labels, run_dataset
 from autoseg.serialization import save_json
 from autoseg.training.splits import load_splits
 
 __all__ = ["Selection", "select"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Selection:
-    """``selection.json``: what ``autoseg predict`` uses, and the evidence for it."""
-
-    configurations: tuple[str, ...]
-    postprocessing: PostprocessingSpec | None
-    candidates: dict[str, float]  # candidate -> mean foreground Dice over cases (cross-validation)
-    per_class_dice: dict[str, dict[str, float]]  # candidate -> class -> mean Dice
-    best: str
-    runner_up: str | None = None
-    difference_to_runner_up: dict[str, float] = field(default_factory=dict)  # mean, ci_low, ci_high
-    postprocessing_dice: dict[str, float] = field(default_factory=dict)  # before / after
-    n_cases: int = 0
-    format: int = 1
 
 
 def _cv_predictions(run_dir: Path, config: str, n_folds: int, case_ids: list[str]) -> dict[str, Path] | None:
@@ -166,7 +150,7 @@ def select(run_dir: Path | str, *, configurations: list[str] | None = None) -> S
         log.warning("%s: the plan trains one model on all cases (no cross-validation): nothing to select", run_dir)
         return None
     spec = run_dataset(run_dir)
-    splits = load_splits(run_dir / "splits.json")
+    splits = load_splits(RunFolder(run_dir).splits)
     case_ids = list(splits.case_ids)
     refs = reference_labels(run_dir, spec)
     members = {}
@@ -228,5 +212,5 @@ def select(run_dir: Path | str, *, configurations: list[str] | None = None) -> S
         postprocessing_dice=pp_scores,
         n_cases=len(case_ids),
     )
-    save_json(selection, run_dir / "selection.json")
+    save_json(selection, RunFolder(run_dir).selection)
     return selection

@@ -18,9 +18,8 @@ from autoseg.evaluation.evaluate import Summary, evaluate_folders
 from autoseg.files import atomic_path
 from autoseg.inference.predictor import Predictor
 from autoseg.planning.plans import Plans
-from autoseg.runfolder import reference_labels, run_dataset
+from autoseg.runfolder import RunFolder, fold_dir, reference_labels, run_dataset
 from autoseg.training.splits import fold_cases, load_splits
-from autoseg.training.trainer import fold_dir
 
 __all__ = ["predict_validation", "validation_dir"]
 
@@ -46,7 +45,7 @@ def predict_validation(
     """Predict and evaluate the validation cases of ``fold`` with that fold's final model."""
     run_dir = Path(run_dir)
     spec = run_dataset(run_dir)
-    _, val_ids = fold_cases(load_splits(run_dir / "splits.json"), int(fold))
+    _, val_ids = fold_cases(load_splits(RunFolder(run_dir).splits), int(fold))
     if not val_ids:
         return None
     out = validation_dir(run_dir, config, fold)

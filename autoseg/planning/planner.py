@@ -30,6 +30,7 @@ from autoseg.planning.plans import (
     Plans,
     ResamplingSpec,
 )
+from autoseg.runfolder import RunFolder
 
 __all__ = ["PRESETS", "make_plans", "plan_run"]
 
@@ -315,7 +316,7 @@ def plan_run(run_dir: Path | str, **kwargs) -> Plans:
     """Plan from ``RUN/fingerprint.json`` and write ``RUN/plans.json``; keyword arguments as :func:`make_plans`."""
     run_dir = Path(run_dir)
     plans = make_plans(load_fingerprint(run_dir), **kwargs)
-    plans.save(run_dir / "plans.json")
+    plans.save(RunFolder(run_dir).plans)
     for name, c in plans.configurations.items():
         log.info(
             "%s: spacing %s, patch %s, batch %d, %d stages, features %s, %d epochs",

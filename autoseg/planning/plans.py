@@ -15,6 +15,7 @@ from typing import Any
 
 from autoseg.data.labels import foreground_values, n_outputs
 from autoseg.networks.spec import GRAD_CLIP, LossSpec, NetworkSpec
+from autoseg.runfolder import RunFolder
 from autoseg.serialization import load_json, save_json
 
 __all__ = [
@@ -200,5 +201,5 @@ def load_plans(path: Path | str) -> Plans:
     """Read ``plans.json`` (a run folder is accepted too)."""
     path = Path(path)
     if path.is_dir():
-        path = path / "plans.json"
+        path = RunFolder(path).plans
     return load_json(Plans, path, format_version=FORMAT)

@@ -49,7 +49,7 @@ from autoseg.preprocessing.store import (
     write_store_info,
 )
 from autoseg.processes import worker_pool
-from autoseg.runfolder import dataset_dir
+from autoseg.runfolder import RunFolder, dataset_dir
 from autoseg.serialization import to_jsonable
 
 __all__ = [
@@ -277,7 +277,7 @@ def _targets(run_dir: Path, plans: Plans, configurations: Sequence[str] | None) 
     by_folder: dict[Path, _Target] = {}
     for name in names:
         config = _configuration(plans, name)
-        folder = run_dir / "preprocessed" / (config.data_identifier or name)
+        folder = RunFolder(run_dir).preprocessed(config.data_identifier or name)
         target = _Target(name, folder, plan_hash(plans, name))
         other = by_folder.get(folder)
         if other is not None and other.plan_hash != target.plan_hash:

@@ -29,6 +29,7 @@ from autoseg.data.geometry import Geometry
 from autoseg.errors import ConfigError, PreprocessingError
 from autoseg.files import atomic_path
 from autoseg.planning.plans import ResamplingSpec, load_plans
+from autoseg.runfolder import RunFolder
 from autoseg.serialization import load_json, save_json
 
 __all__ = [
@@ -223,11 +224,11 @@ def read_store_info(folder: Path) -> StoreInfo | None:
 def preprocessed_folder(run_dir: Path | str, config: str) -> Path:
     """``RUN/preprocessed/<data_identifier>`` of configuration ``config`` (a data identifier is accepted too)."""
     run_dir = Path(run_dir)
-    if (run_dir / "plans.json").is_file():
+    if RunFolder(run_dir).plans.is_file():
         plans = load_plans(run_dir)
         if config in plans.configurations:
-            return run_dir / "preprocessed" / (plans.configurations[config].data_identifier or config)
-    folder = run_dir / "preprocessed" / config
+            return RunFolder(run_dir).preprocessed(plans.configurations[config].data_identifier or config)
+    folder = RunFolder(run_dir).preprocessed(config)
     if not folder.is_dir():
         raise PreprocessingError(
             f"{folder}: no preprocessed data for configuration {config!r}; run `autoseg preprocess`"

@@ -37,9 +37,10 @@ import optuna
 from autoseg.data.labels import foreground_names
 from autoseg.errors import AutosegError, PlanningError
 from autoseg.planning.plans import NetworkSpec, Plans
+from autoseg.runfolder import RunFolder, fold_dir
 from autoseg.search.space import Candidate, Limits, sample_candidate
 from autoseg.serialization import to_jsonable
-from autoseg.training.trainer import TrainOptions, fold_dir, train_fold
+from autoseg.training.trainer import TrainOptions, train_fold
 
 __all__ = [
     "TrialSettings",
@@ -55,7 +56,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 #: What a trial folder links to in RUN.
-RUN_LINKS = ("fingerprint.json", "run.json", "splits.json", "preprocessed")
+_LAYOUT = RunFolder(".")
+RUN_LINKS = tuple(p.name for p in (_LAYOUT.fingerprint, _LAYOUT.run_info, _LAYOUT.splits, _LAYOUT.preprocessed_root))
 VALUES = ("validation", "pseudo_dice")
 
 
@@ -103,12 +105,12 @@ def prepare_trial_dir(run_dir: Path, folder: Path, plans: Plans, *, fresh: bool)
     ``fresh`` removes what an earlier trial of the same number left (a study started again from scratch).
     ``RUN/splits.json`` is made first when missing, so that trials and the final training share the folds.
     """
-    if not (run_dir / "splits.json").is_file():  # the trial and the final training must share the folds
+    if not RunFolder(run_dir).splits.is_file():  # the trial and the final training must share the folds
         from autoseg.preprocessing.store import list_cases
         from autoseg.training.splits import load_or_make_splits
 
         name = next(iter(plans.configurations))
-        folder_data = run_dir / "preprocessed" / (plans.configurations[name].data_identifier or name)
+        folder_data = RunFolder(run_dir).preprocessed(plans.configurations[name].data_identifier or name)
         load_or_make_splits(run_dir, list_cases(folder_data))
     if fresh and folder.exists():
         shutil.rmtree(folder)
@@ -118,7 +120,7 @@ def prepare_trial_dir(run_dir: Path, folder: Path, plans: Plans, *, fresh: bool)
         if not target.exists() or link.is_symlink() or link.exists():
             continue
         link.symlink_to(os.path.relpath(target.resolve(), folder.resolve()), target_is_directory=target.is_dir())
-    plans.save(folder / "plans.json")
+    plans.save(RunFolder(folder).plans)
     return folder
 
 

@@ -29,6 +29,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from autoseg.errors import ConfigError
 from autoseg.planning.plans import Configuration, Plans, load_plans
+from autoseg.runfolder import RunFolder
 from autoseg.search.objective import Objective, TrialSettings
 from autoseg.search.space import build_candidate, limits_for, rule_params, trainable_configurations
 from autoseg.search.storage import admit, claimed, describe_storage, make_storage, recover, trial_counts
@@ -172,7 +173,7 @@ def write_best(run_dir: Path, rule: Plans, study: optuna.Study, provenance: dict
     }
     configurations = {**rule.configurations, name: configuration.with_reason(line)}
     plans = dataclasses.replace(rule, configurations=configurations, search=search)
-    plans.save(run_dir / "plans.json")
+    plans.save(RunFolder(run_dir).plans)
     return plans
 
 
@@ -222,7 +223,7 @@ def _check_data(run_dir: Path, plans: Plans, configs: Sequence[str], fold: int) 
 
     cases = []
     for name in configs:
-        folder = run_dir / "preprocessed" / (plans.configurations[name].data_identifier or name)
+        folder = RunFolder(run_dir).preprocessed(plans.configurations[name].data_identifier or name)
         cases = list_cases(folder) if folder.is_dir() else []
         if not cases:
             raise ConfigError(f"{folder}: no preprocessed cases for {name}; run `autoseg preprocess {run_dir}` first")
@@ -352,5 +353,5 @@ def _finish(
     if best is None:
         log.warning("search %s: no trial finished; plans.json is unchanged", study.study_name)
     else:
-        log.info("search %s: %s; %s updated", study.study_name, result, run_dir / "plans.json")
+        log.info("search %s: %s; %s updated", study.study_name, result, RunFolder(run_dir).plans)
     return result

@@ -1,10 +1,11 @@
 """Data-parallel training of one job on several devices (DDP), launched by ``torchrun``.
 
-``torchrun --nproc_per_node K -m autoseg.cli train RUN -c CONFIG -f FOLD --no-jobs`` starts K processes; each
-reads its rank from the environment torchrun sets. Each rank draws its own batches (seed offset by the rank) of
-``ceil(batch / K)`` samples, gradients are averaged by DDP, and rank 0 alone writes checkpoints and logs, and
-predicts the validation cases after training (:func:`autoseg.pipeline.train_and_validate`). The job placer
-(:mod:`autoseg.training.jobs`) launches this when a plan asks for ``training.gpus_per_job`` > 1.
+``torchrun --nproc_per_node K -m autoseg.processes autoseg.job SPEC`` starts K processes (see
+:func:`autoseg.training.jobs.job_command`); each reads its rank from the environment torchrun sets. Each rank
+draws its own batches (seed offset by the rank) of ``ceil(batch / K)`` samples, gradients are averaged by DDP,
+and rank 0 alone writes checkpoints and logs, and predicts the validation cases after training
+(:func:`autoseg.pipeline.train_and_validate`). The job placer (:mod:`autoseg.training.jobs`) launches this when
+a plan asks for ``training.gpus_per_job`` > 1.
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ own process group, which the runner signals (SIGTERM, then SIGKILL) when it stop
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import signal
@@ -22,12 +23,13 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from autoseg.processes import sigterm_raises, tethered_command
+from autoseg.runfolder import fold_dir
 
-__all__ = ["Job", "JobResult", "detect_devices", "train_command", "run_jobs"]
+__all__ = ["Job", "JobResult", "JobSpec", "detect_devices", "job_command", "run_jobs"]
 
 log = logging.getLogger(__name__)
 
@@ -69,27 +71,44 @@ def detect_devices(requested: str | None = None) -> list[str]:
     return ["cpu"]
 
 
-def train_command(run_dir: Path, job: Job, overrides: Sequence[str] = (), extra: Sequence[str] = ()) -> list[str]:
-    """The ``autoseg train`` command line for one job (device given through the environment; torchrun for DDP).
+@dataclass(frozen=True)
+class JobSpec:
+    """What one job trains and how."""
 
-    Under torchrun each rank runs through :mod:`autoseg.processes`, so that it ends when torchrun does.
-    """
-    python = [sys.executable]
-    module = ["autoseg.cli"]
-    if job.gpus > 1:
-        python += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={job.gpus}"]
-        module = ["autoseg.processes", "autoseg.cli"]
-    cmd = python + ["-m", *module, "train", str(run_dir), "-c", job.config, "-f", job.fold]
-    cmd += ["--device", "auto", "--no-jobs"]
-    for item in overrides:
-        cmd += ["--set", item]
-    return cmd + list(extra)
+    run_dir: str
+    config: str
+    fold: str
+    overrides: tuple[str, ...] = ()
+    device: str = "auto"
+    workers: int | None = None
+    validate: bool = True
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> JobSpec:
+        data = json.loads(text)
+        return cls(**{**data, "overrides": tuple(data.get("overrides", ()))})
+
+
+def job_command(spec: JobSpec, gpus: int = 1) -> list[str]:
+    """The process of one job: the Python entry point :mod:`autoseg.job` with ``spec`` (its device comes from the
+    environment); torchrun for a job on several GPUs, each rank through :mod:`autoseg.processes`, so that it ends
+    when torchrun does."""
+    if gpus > 1:
+        torchrun = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}"]
+        return [sys.executable, *torchrun, "-m", "autoseg.processes", "autoseg.job", spec.to_json()]
+    return [sys.executable, "-m", "autoseg.job", spec.to_json()]
 
 
 Launcher = Callable[[Job, str, Path], subprocess.Popen]
 
 
-def _default_launcher(run_dir: Path, overrides: Sequence[str], extra: Sequence[str]) -> Launcher:
+def _default_launcher(run_dir: Path, overrides: Sequence[str], workers: int | None, validate: bool) -> Launcher:
+    def spec(job: Job) -> JobSpec:
+        return JobSpec(str(run_dir), job.config, job.fold, tuple(overrides), "auto", workers, validate)
+
     def launch(job: Job, device: str, logfile: Path) -> subprocess.Popen:
         env = dict(os.environ)
         gpus = [d.split(":", 1)[1] if ":" in d else "0" for d in device.split(",") if d.startswith("cuda")]
@@ -97,7 +116,7 @@ def _default_launcher(run_dir: Path, overrides: Sequence[str], extra: Sequence[s
         handle = open(logfile, "ab")
         try:
             return subprocess.Popen(
-                tethered_command(train_command(run_dir, job, overrides, extra), os.getpid()),
+                tethered_command(job_command(spec(job), job.gpus), os.getpid()),
                 stdout=handle,
                 stderr=subprocess.STDOUT,
                 env=env,
@@ -150,7 +169,8 @@ def run_jobs(
     devices: Sequence[str],
     *,
     overrides: Sequence[str] = (),
-    extra_args: Sequence[str] = (),
+    workers: int | None = None,
+    validate: bool = True,
     launcher: Launcher | None = None,
     poll_seconds: float = 0.5,
     stop_seconds: float = 30.0,
@@ -161,7 +181,7 @@ def run_jobs(
     killed) before raising.
     """
     run_dir = Path(run_dir)
-    launch = launcher or _default_launcher(run_dir, overrides, extra_args)
+    launch = launcher or _default_launcher(run_dir, overrides, workers, validate)
     running: dict[str, tuple[Job, subprocess.Popen, float, Path]] = {}
     with sigterm_raises():
         try:
@@ -178,8 +198,6 @@ def _place(
     running: dict[str, tuple[Job, subprocess.Popen, float, Path]],
     poll_seconds: float,
 ) -> list[JobResult]:
-    from autoseg.training.trainer import fold_dir  # here: the runner itself never needs torch, its jobs do
-
     free = list(devices)
     results: list[JobResult] = []
     while queue or running:

@@ -18,6 +18,7 @@ from typing import Literal
 import numpy as np
 
 from autoseg.errors import ConfigError, DatasetError
+from autoseg.runfolder import RunFolder
 from autoseg.serialization import load_json, save_json
 
 __all__ = ["FORMAT", "Fold", "Splits", "make_splits", "load_or_make_splits", "save_splits", "load_splits", "fold_cases"]
@@ -155,7 +156,7 @@ def load_or_make_splits(run_dir: Path | str, case_ids: Sequence[str], *, n_folds
 
     Datasets with fewer cases than ``n_folds`` get one fold per case (logged), so tiny datasets still train.
     """
-    path = Path(run_dir) / "splits.json"
+    path = RunFolder(run_dir).splits
     if path.is_file():
         splits = load_splits(path)
         missing = sorted(set(case_ids) - set(splits.case_ids))

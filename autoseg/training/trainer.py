@@ -33,6 +33,7 @@ from autoseg.planning.overrides import apply_overrides
 from autoseg.planning.plans import Configuration, Plans, load_plans
 from autoseg.preprocessing.preprocess import plan_hash
 from autoseg.preprocessing.store import list_cases, preprocessed_folder, read_case, read_class_locations
+from autoseg.runfolder import fold_dir
 from autoseg.serialization import to_jsonable
 from autoseg.training.augmentation import deep_supervision_scales, sampling_patch_size
 from autoseg.training.checkpoint import load_checkpoint, save_checkpoint
@@ -41,7 +42,7 @@ from autoseg.training.distributed import from_environment
 from autoseg.training.loader import BatchLoader, BatchRecipe, CaseData, choose_workers
 from autoseg.training.splits import fold_cases, load_or_make_splits
 
-__all__ = ["TrainOptions", "PreprocessedCases", "fold_dir", "train_fold", "train_step"]
+__all__ = ["TrainOptions", "PreprocessedCases", "train_fold"]
 
 log = logging.getLogger(__name__)
 
@@ -74,10 +75,6 @@ def _open_case(folder: Path, case_id: str) -> CaseData:
     if seg is None:
         raise TrainingError(f"{folder / case_id}: preprocessed case has no label map")
     return CaseData(data, seg[0] if seg.ndim == data.ndim else seg, read_class_locations(folder, case_id))
-
-
-def fold_dir(run_dir: Path | str, config: str, fold: int | str) -> Path:
-    return Path(run_dir) / "models" / config / f"fold_{fold}"
 
 
 def _lr(configuration: Configuration, epoch: int) -> float:

@@ -294,8 +294,9 @@ def test_a_plan_made_again_after_a_search_is_not_mixed_with_the_old_study(run):
 
 def test_cli_search_writes_the_best_plan_that_train_then_reads(run, capsys):
     from autoseg.cli import main
+    from autoseg.runfolder import fold_dir
     from autoseg.training.checkpoint import config_from_checkpoint, load_checkpoint
-    from autoseg.training.trainer import TrainOptions, fold_dir, train_fold
+    from autoseg.training.trainer import TrainOptions, train_fold
 
     args = ["search", str(run), "--trials", "2", "--config", "2d", "--budget-epochs", "1", "-j", "0"]
     assert main([*args, "--device", "cpu", "--study", "cli"]) == 0

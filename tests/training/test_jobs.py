@@ -6,7 +6,7 @@ import subprocess
 import sys
 import time
 
-from autoseg.training.jobs import Job, detect_devices, run_jobs, train_command
+from autoseg.training.jobs import Job, JobSpec, detect_devices, job_command, run_jobs
 
 
 def test_detect_devices_parses_the_flag():
@@ -37,10 +37,10 @@ def test_one_job_per_device_queue_and_failures(tmp_path):
     assert order[2][1] - order[0][1] >= 0.35
 
 
-def test_train_command_runs_one_job_in_process(tmp_path):
-    cmd = train_command(tmp_path, Job("2d", "all"), ["training.epochs=3"])
-    assert cmd[1:4] == ["-m", "autoseg.cli", "train"] and "--no-jobs" in cmd
-    assert cmd[cmd.index("-f") + 1] == "all" and cmd[cmd.index("--set") + 1] == "training.epochs=3"
+def test_a_job_process_runs_the_python_entry_point_with_its_spec(tmp_path):
+    spec = JobSpec(str(tmp_path), "2d", "all", ("training.epochs=3",), workers=1)
+    cmd = job_command(spec)
+    assert cmd[1:3] == ["-m", "autoseg.job"] and JobSpec.from_json(cmd[3]) == spec
 
 
 def test_multi_gpu_job_takes_several_devices_and_uses_torchrun(tmp_path):
@@ -55,5 +55,6 @@ def test_multi_gpu_job_takes_several_devices_and_uses_torchrun(tmp_path):
     assert all(r.ok for r in results)
     assert launched[0][1] == "cuda:0,cuda:1" and launched[1][1] == "cuda:2"
     assert launched[2][2] - launched[0][2] >= 0.25  # the third job waited for free devices
-    cmd = train_command(tmp_path, Job("3d_fullres", "0", gpus=2))
+    cmd = job_command(JobSpec(str(tmp_path), "3d_fullres", "0"), gpus=2)
     assert cmd[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    assert cmd[5:8] == ["-m", "autoseg.processes", "autoseg.job"]

@@ -155,7 +155,7 @@ def test_autoseg_train_leaves_no_loader_worker(run_dir, tmp_path, sig):
 def test_job_runner_leaves_no_job_or_worker(run_dir, tmp_path, sig):
     script = textwrap.dedent(f"""
         from autoseg.training.jobs import Job, run_jobs
-        run_jobs({str(run_dir)!r}, [Job("3d_fullres", "1")], ["cpu"], extra_args=["--workers", "1"], poll_seconds=0.1)
+        run_jobs({str(run_dir)!r}, [Job("3d_fullres", "1")], ["cpu"], workers=1, poll_seconds=0.1)
     """)
     proc = _start([sys.executable, "-c", script], tmp_path)
     code = _kill_and_check(proc, deepest=2, sig=sig)  # runner -> job -> loader worker

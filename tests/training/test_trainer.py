@@ -151,34 +151,15 @@ def test_overrides_are_validated(run_dir):
 
 
 def test_data_parallel_job_with_torchrun_on_cpu(run_dir):
-    """Two DDP ranks (gloo) train one fold: rank 0 writes the checkpoints, the weights are synchronised."""
+    """Two DDP ranks (gloo) train one fold: rank 0 writes the checkpoints and predicts the validation cases."""
     import os
     import subprocess
-    import sys
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        "-m",
-        "autoseg.cli",
-        "train",
-        str(run_dir),
-        "-c",
-        "3d_fullres",
-        "-f",
-        "2",
-        "--device",
-        "cpu",
-        "--no-jobs",
-        "-j",
-        "0",
-        "--set",
-        "training.epochs=2",
-    ]
+    from autoseg.training.jobs import JobSpec, job_command
+
+    spec = JobSpec(str(run_dir), "3d_fullres", "2", ("training.epochs=2",), device="cpu", workers=0)
+    cmd = job_command(spec, gpus=2)  # what the job runner starts for a job of two devices
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     out = run_dir / "models" / "3d_fullres" / "fold_2"
