@@ -129,10 +129,6 @@ class Fingerprint:
     def shapes_after_crop(self) -> np.ndarray:
         return np.array([c.shape_after_crop for c in self.cases], dtype=float)
 
-    @property
-    def n_foreground_classes(self) -> int:
-        return len(self.regions) if self.regions else len(self.classes)
-
     def save(self, path: Path) -> None:
         save_json(self, path)
 

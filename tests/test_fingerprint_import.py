@@ -86,7 +86,7 @@ def test_regions_and_ignore_label_are_kept(tmp_path):
     assert fp.region_class_order == (1, 2, 3)
     assert fp.ignore_label == 4
     assert 4 not in [c.label for c in fp.classes]
-    assert fp.n_foreground_classes == 3
+    assert len(fp.classes) == 3
 
 
 def test_2d_dataset_is_recognised(tmp_path):

@@ -421,12 +421,3 @@ def _duration(seconds: float) -> str:
     if seconds >= 3600:
         return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
     return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
-
-
-def with_epochs(plans: Plans, epochs: int) -> Plans:
-    """Plans with every configuration's epoch count set (small helper for tests and the search)."""
-    configs = {
-        k: dataclasses.replace(v, training=dataclasses.replace(v.training, epochs=epochs))
-        for k, v in plans.configurations.items()
-    }
-    return dataclasses.replace(plans, configurations=configs)
