@@ -27,6 +27,7 @@ from autoseg.inference.sliding_window import sliding_window_logits
 from autoseg.networks.builder import build_network
 from autoseg.planning.plans import Configuration, Plans, load_plans
 from autoseg.preprocessing.preprocess import preprocess_case, revert
+from autoseg.preprocessing.store import CaseProperties
 from autoseg.runfolder import RunFolder, fold_dir
 from autoseg.serialization import from_jsonable
 from autoseg.training.checkpoint import config_from_checkpoint, load_checkpoint
@@ -251,31 +252,68 @@ class Predictor:
                 f"{len(self.plans.channels)} ({', '.join(self.plans.channels)})"
             )
         k = self.plans.n_outputs
-        total: np.ndarray | None = None
+        fill = [0.0] * k if self.plans.regions else [1.0] + [0.0] * (k - 1)
+        means: list[tuple[np.ndarray, CaseProperties]] = []  # per configuration, in its preprocessed space
         member_maps: list[np.ndarray] = []
         for config, members in self.members.items():
             data, _, props = preprocess_case(image, None, geometry, self.plans, config)
             mean, labels = self._config_probabilities(data, members)
-            fill = [0.0] * k if self.plans.regions else None
-            if total is None:
-                total = revert(mean, props, is_label=False, fill=fill)
-            else:
-                total += revert(mean, props, is_label=False, fill=fill)
-            del mean
+            means.append((mean, props))
             if uncertainty and sum(len(m) for m in self.members.values()) > 1:
                 member_maps += [revert(lab, props, is_label=True, order=0) for lab in labels]
-        total /= len(self.members)
-        labels = probabilities_to_labels(total, self.plans)
+        total: np.ndarray | None = None
+        if keep_probabilities or uncertainty:
+            total = _class_probabilities(means, list(range(k)), fill)
+            labels = probabilities_to_labels(total, self.plans)
+        else:  # labels only: one class at a time at full resolution, never classes x the whole image
+            labels = self._labels_class_by_class(means, fill)
         if self.postprocessing is not None:
             labels = apply_postprocessing(labels, self.postprocessing, geometry.voxel_volume_mm3)
         result = Prediction(labels=labels, geometry=geometry)
         if uncertainty:
+            assert total is not None
             result.entropy, result.disagreement, result.scores = _uncertainty(
                 total, labels, member_maps, bool(self.plans.regions)
             )
         if keep_probabilities:
             result.probabilities = total
         return result
+
+    def _labels_class_by_class(self, means: list[tuple[np.ndarray, CaseProperties]], fill: list[float]) -> np.ndarray:
+        """The labels :func:`probabilities_to_labels` gives for the whole probability map, computed from one class's
+        full-resolution probabilities at a time (a running arg-max, first class kept on ties as ``argmax`` does;
+        regions painted in their order): memory of a few full-resolution maps whatever the number of classes."""
+        k = self.plans.n_outputs
+        shape = means[0][1].geometry.shape_zyx
+        labels = np.zeros(shape, np.uint8 if self.plans.regions or k <= 256 else np.int16)
+        if self.plans.regions:
+            order = self.plans.region_class_order or tuple(range(1, len(self.plans.regions) + 1))
+            for channel, value in enumerate(order):
+                labels[_class_probabilities(means, [channel], fill)[0] > 0.5] = value
+            return labels
+        best = _class_probabilities(means, [0], fill)[0]
+        for channel in range(1, k):
+            p = _class_probabilities(means, [channel], fill)[0]
+            better = p > best
+            labels[better] = channel
+            np.maximum(best, p, out=best)
+        return labels
+
+
+def _class_probabilities(
+    means: list[tuple[np.ndarray, CaseProperties]], channels: list[int], fill: list[float]
+) -> np.ndarray:
+    """Mean over configurations of the ``channels`` of each configuration's probabilities, on the original grid."""
+    total = None
+    for mean, props in means:
+        part = revert(mean[channels], props, is_label=False, fill=[fill[c] for c in channels])
+        if total is None:
+            total = part
+        else:
+            total += part
+    assert total is not None
+    total /= len(means)
+    return total
 
 
 def _uncertainty(
