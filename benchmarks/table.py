@@ -46,7 +46,7 @@ AUDIT: dict[str, tuple[str, str | None, str]] = {
     "search_flop_priced.json": ("2026-11-26 16:56", OLD, "steps priced by FLOPs; lost on the folds not selected on"),
     "fold_compare_class_balance_isbi_em.json": ("2026-12-07T09:49:28", None, ""),
     "real_isbi_em.json": ("2026-12-07T09:49:13", None, ""),
-    "real_hippocampus.json": ("2026-12-07T10:05:33", None, ""),
+    "real_hippocampus.json": ("2026-12-07T12:52:09", None, ""),
     "budget_split_hippocampus.json": ("2026-12-07T11:44:28", None, ""),
 }
 Data = dict[str, Any]
