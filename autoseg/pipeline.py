@@ -13,11 +13,13 @@ from pathlib import Path
 
 from autoseg.errors import ConfigError, TrainingError
 from autoseg.fingerprint import extract_fingerprint
+from autoseg.inference.validation import predict_validation
 from autoseg.planning.overrides import apply_overrides
 from autoseg.planning.planner import plan_run
 from autoseg.planning.plans import Plans, load_plans
 from autoseg.preprocessing.preprocess import preprocess
-from autoseg.runfolder import RunFolder, fold_dir, record_dataset
+from autoseg.runfolder import RunFolder, record_dataset
+from autoseg.training.distributed import is_main_process
 from autoseg.training.jobs import Job, detect_devices, run_jobs
 from autoseg.training.splits import load_or_make_splits
 from autoseg.training.trainer import TrainOptions, train_fold
@@ -32,10 +34,10 @@ Progress = Callable[[str], Callable[[int, int], None] | None]
 def fold_finished(run_dir: Path | str, config: str, fold: str, *, validate: bool = True) -> bool:
     """The fold's final checkpoint exists and, for a cross-validation fold, its validation cases are predicted
     and evaluated (a run killed between the two predicts them when it is run again)."""
-    folder = fold_dir(run_dir, config, fold)
-    if not (folder / "checkpoint_final.pt").is_file():
+    run = RunFolder(run_dir)
+    if not run.checkpoint(config, fold).is_file():
         return False
-    return not validate or fold == "all" or (folder / "validation" / "summary.json").is_file()
+    return not validate or fold == "all" or (run.validation(config, fold) / "summary.json").is_file()
 
 
 def train_and_validate(
@@ -50,14 +52,11 @@ def train_and_validate(
 ) -> None:
     """One (configuration, fold) job: :func:`train_fold` (resumed if interrupted), then, on the main process, the
     full-resolution prediction and evaluation of the fold's validation cases (resumed case by case)."""
-    from autoseg.inference.validation import predict_validation
-    from autoseg.training.distributed import is_main_process
-
     options = options or TrainOptions()
     train_fold(run_dir, config, fold, plans=plans, overrides=overrides, options=options)
     if not is_main_process() or fold_finished(run_dir, config, fold, validate=validate):
         return
-    if (fold_dir(run_dir, config, fold) / "checkpoint_final.pt").is_file():  # not stopped early
+    if RunFolder(run_dir).checkpoint(config, fold).is_file():  # not stopped early
         predict_validation(run_dir, apply_overrides(plans, overrides), config, fold, device=options.device)
 
 

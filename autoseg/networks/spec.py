@@ -3,12 +3,21 @@ fills it in."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-__all__ = ["GRAD_CLIP", "LossSpec", "NetworkSpec"]
+__all__ = ["GRAD_CLIP", "LossSpec", "NetworkSpec", "stride_product"]
 
 #: Gradient-norm clipping of training (``training.grad_clip``'s default) and of the planner's probes.
 GRAD_CLIP = 12.0
+
+
+def stride_product(strides: Sequence[Sequence[int]]) -> tuple[int, ...]:
+    """Per-axis product of a network's strides: input sizes must be divisible by it."""
+    out = [1] * len(strides[0])
+    for s in strides:
+        out = [a * b for a, b in zip(out, s)]
+    return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -39,10 +48,15 @@ class NetworkSpec:
     @property
     def total_stride(self) -> tuple[int, ...]:
         """Product of the strides per axis: the patch size must be divisible by it."""
-        out = [1] * self.ndim
-        for s in self.strides:
-            out = [a * b for a, b in zip(out, s)]
-        return tuple(out)
+        return stride_product(self.strides)
+
+    def stage_sizes(self, patch_size: Sequence[int]) -> list[tuple[int, ...]]:
+        """Feature-map size of each stage for an input of ``patch_size`` (strides applied stage by stage, floored)."""
+        sizes, size = [], tuple(int(p) for p in patch_size)
+        for stride in self.strides:
+            size = tuple(n // k for n, k in zip(size, stride))
+            sizes.append(size)
+        return sizes
 
 
 @dataclass(frozen=True)

@@ -62,9 +62,7 @@ def probe_step(
     network = build_network(spec, in_channels, n_outputs).to(dev)
     optimizer = torch.optim.SGD(network.parameters(), lr=1e-2, momentum=0.99, nesterov=True, weight_decay=3e-5)
     data = torch.randn(batch_size, in_channels, *patch_size, device=dev)
-    sizes = [tuple(int(p) for p in patch_size)]
-    for stride in spec.strides[1:]:
-        sizes.append(tuple(n // k for n, k in zip(sizes[-1], stride)))
+    sizes = spec.stage_sizes(patch_size)  # the first stage's stride is all ones: sizes[0] is the patch
     n_scales = len(sizes) - 1 if spec.deep_supervision else 1
     targets = [torch.randint(0, n_outputs, (batch_size, 1, *size), device=dev) for size in sizes[:n_scales]]
     loss_fn = build_loss(LossSpec(), n_outputs=n_outputs, deep_supervision_scales=n_scales)

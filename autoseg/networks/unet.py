@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from autoseg.errors import ConfigError
 from autoseg.networks.blocks import BasicResidualBlock, ConvNormAct, LayerOps, get_block
+from autoseg.networks.spec import stride_product
 
 __all__ = ["UNet", "init_weights"]
 
@@ -116,10 +117,7 @@ class UNet(nn.Module):
     @property
     def total_stride(self) -> tuple[int, ...]:
         """Per-axis product of the strides: input sizes must be divisible by it."""
-        out = [1] * self.ndim
-        for s in self.strides:
-            out = [a * b for a, b in zip(out, s)]
-        return tuple(out)
+        return stride_product(self.strides)
 
     def forward(self, x: Tensor) -> Tensor | list[Tensor]:
         spatial = tuple(x.shape[2:])
