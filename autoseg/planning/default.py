@@ -24,7 +24,7 @@ from autoseg.planning import rules
 from autoseg.planning.device import GIB, measure_step_seconds
 from autoseg.planning.memory import estimate_flops, estimate_training_memory
 from autoseg.planning.plans import Configuration, DeviceSpec, LossSpec, NetworkSpec, TrainingSpec
-from autoseg.planning.topology import Topology, pool_and_conv_props
+from autoseg.planning.topology import Topology, pool_and_conv_props, shrink_patch, unet_for_topology
 
 __all__ = ["Budget", "plan_configuration", "class_balance", "epochs_for_budget", "CPU_SECONDS_PER_ITERATION"]
 
@@ -73,35 +73,20 @@ class Budget:
         return not self.is_cpu or self.seconds(net, patch, batch) <= CPU_SECONDS_PER_ITERATION[len(patch)]
 
 
-def network(topology: Topology, base: int, *, block: str, max_features: int) -> NetworkSpec:
-    """U-Net for a topology: ``base`` features doubling per stage up to ``max_features``."""
-    n = topology.n_stages
-    encoder = (1, 3, 4, 6, 6, 6, 6, 6, 6, 6, 6, 6)[:n] if block == "residual" else (2,) * n
-    return NetworkSpec(
-        n_stages=n,
-        features_per_stage=tuple(min(max_features, base * 2**i) for i in range(n)),
-        kernel_sizes=topology.kernel_sizes,
-        strides=topology.strides,
-        n_conv_per_stage=encoder,
-        n_conv_per_stage_decoder=(1 if block == "residual" else 2,) * (n - 1),
-        block=block,
+def _shrink(
+    spacing: rules.Vector,
+    median: rules.Vector,
+    start: rules.Vector,
+    budget: Budget,
+    make: Callable[[Topology], NetworkSpec],
+) -> tuple[Topology, int] | None:
+    """The largest patch whose network ``make`` builds fits the budget at batch 2 (ties: the last axis shrinks)."""
+    return shrink_patch(
+        start,
+        median,
+        lambda patch: pool_and_conv_props(spacing, patch),
+        lambda t: budget.fits(make(t), t.patch_size, 2),
     )
-
-
-def _shrink(spacing, median, start, make: Callable[[Topology], NetworkSpec], ok: Callable) -> tuple[Topology, int]:
-    """Shrink the patch (the axis largest relative to the median image first) until ``ok(net, patch)``."""
-    topo = pool_and_conv_props(spacing, start)
-    steps = 0
-    while not ok(make(topo), topo.patch_size):
-        ratios = [p / m for p, m in zip(topo.patch_size, median)]
-        axis = int(np.argsort(ratios, kind="stable")[-1])
-        patch = list(topo.patch_size)
-        patch[axis] -= topo.divisor[axis]
-        if patch[axis] < 4:
-            return topo, -1
-        topo = pool_and_conv_props(spacing, patch)
-        steps += 1
-    return topo, steps
 
 
 def _grow_batch(net: NetworkSpec, patch: Sequence[int], budget: Budget, n_voxels: float) -> int:
@@ -131,11 +116,11 @@ def plan_patch(
         for base in CPU_WIDTHS:
 
             def make(t, base=base):
-                return network(t, base, block="plain", max_features=min(max_features, 8 * base))
+                return unet_for_topology(t, base, block="plain", max_features=min(max_features, 8 * base))
 
-            topo, steps = _shrink(spacing, median, start.value, make, lambda n, p: budget.fits(n, p, 2))
-            if steps >= 0:
-                options.append((base, topo, make(topo), steps))
+            shrunk = _shrink(spacing, median, start.value, budget, make)
+            if shrunk is not None:
+                options.append((base, shrunk[0], make(shrunk[0]), shrunk[1]))
         if not options:
             raise PlanningError("no network fits the CPU time target even at width 8; the images are too large")
         chosen = next((o for o in options if _coverage(o[1].patch_size, median) >= CPU_MIN_COVERAGE), options[-1])
@@ -166,20 +151,21 @@ def plan_patch(
     )
 
     def make_gpu(t):
-        return network(t, 32, block=block, max_features=max_features)
+        return unet_for_topology(t, 32, block=block, max_features=max_features)
 
-    topo, steps = _shrink(spacing, median, start.value, make_gpu, lambda n, p: budget.fits(n, p, 2))
-    if steps < 0:
+    shrunk = _shrink(spacing, median, start.value, budget, make_gpu)
+    if shrunk is None:
         raise PlanningError(f"no patch fits {budget.device.memory_bytes / GIB:.1f} GB; give more --gpu-memory")
+    topo, steps = shrunk
     net = make_gpu(topo)
     cap = rules.dataset_fraction_batch_cap(n_voxels, topo.patch_size)
     batch = 2
     if steps == 0:  # the patch covers the median image: spend the remaining memory on the batch
         batch = _grow_batch(net, topo.patch_size, budget, n_voxels)
     limit = budget.memory_limit() / GIB
-    shrunk = f"shrunk in {steps} steps" if steps else "the median image"
+    how = f"shrunk in {steps} steps" if steps else "the median image"
     why.append(
-        f"patch {list(topo.patch_size)} ({shrunk}), "
+        f"patch {list(topo.patch_size)} ({how}), "
         f"batch {batch}: estimated {budget.memory(net, topo.patch_size, batch) / GIB:.2f} GB of the "
         f"{limit:.1f} GB budget"
         + (f"; {cap.why}; at most {MAX_BATCH[ndim]} per step" if steps == 0 else "; the patch is the binding limit")
@@ -294,7 +280,7 @@ def plan_configuration(
 def calibrate_cpu(in_channels: int, n_outputs: int) -> tuple[float, str]:
     """Measured training throughput of this CPU (FLOP/s) from a probe U-Net step."""
     topo = pool_and_conv_props((3.0, 1.0, 1.0), (16, 64, 64))
-    probe = network(topo, 16, block="plain", max_features=128)
+    probe = unet_for_topology(topo, 16, block="plain", max_features=128)
     seconds = measure_step_seconds(probe, in_channels, n_outputs, topo.patch_size, 2)
     flops = estimate_flops(probe, in_channels, n_outputs, topo.patch_size, 2)
     rate = flops / seconds

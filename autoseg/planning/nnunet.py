@@ -10,7 +10,6 @@ loop that shrinks the patch until the proxy fits, then turns spare memory into b
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -29,7 +28,13 @@ from autoseg.planning.plans import (
     ResamplingSpec,
     TrainingSpec,
 )
-from autoseg.planning.topology import Topology, conv_feature_map_voxels, pool_and_conv_props
+from autoseg.planning.topology import (
+    Topology,
+    conv_feature_map_voxels,
+    pool_and_conv_props,
+    shrink_patch,
+    unet_for_topology,
+)
 
 __all__ = [
     "NnunetPreset",
@@ -140,21 +145,19 @@ PLANNER_PRESETS = {p.planner_class: name for name, p in PRESETS.items()}
 
 def network_for_topology(topology: Topology, preset: NnunetPreset) -> NetworkSpec:
     """The preset's U-Net for a topology: features double per stage from 32 up to 320 (3D) or 512 (2D)."""
-    n = topology.n_stages
     cap = preset.max_features_3d if len(topology.patch_size) == 3 else preset.max_features_2d
-    if n > len(preset.blocks_encoder):
+    if topology.n_stages > len(preset.blocks_encoder):
         raise PlanningError(
-            f"{n} stages needed but preset {preset.name} defines at most "
+            f"{topology.n_stages} stages needed but preset {preset.name} defines at most "
             f"{len(preset.blocks_encoder)}; reduce the patch size"
         )
-    return NetworkSpec(
-        n_stages=n,
-        features_per_stage=tuple(min(cap, preset.base_features * 2**i) for i in range(n)),
-        kernel_sizes=topology.kernel_sizes,
-        strides=topology.strides,
-        n_conv_per_stage=preset.blocks_encoder[:n],
-        n_conv_per_stage_decoder=preset.blocks_decoder[: n - 1],
+    return unet_for_topology(
+        topology,
+        preset.base_features,
+        max_features=cap,
         block=preset.block,
+        encoder=preset.blocks_encoder,
+        decoder=preset.blocks_decoder,
     )
 
 
@@ -189,12 +192,6 @@ def _label_keys(fp: Fingerprint) -> int:
     return len(fp.labels)
 
 
-def _shrink_axis(patch: Sequence[int], median_shape: rules.Vector) -> int:
-    """The axis whose patch is largest relative to the median image (ties: the last such axis)."""
-    ratios = [p / m for p, m in zip(patch, median_shape)]
-    return int(np.argsort(ratios, kind="stable")[-1])
-
-
 def _fit(spacing: rules.Vector, patch: rules.Vector, job: _Job) -> tuple[Topology, NetworkSpec, int]:
     topo = pool_and_conv_props(spacing, patch, min_feature_map_size=job.preset.min_feature_map_size)
     net = network_for_topology(topo, job.preset)
@@ -205,19 +202,25 @@ def _plan_patch_and_batch(spacing: rules.Vector, median_shape: rules.Vector, n_v
     """nnU-Net's patch and batch: start large, shrink the patch until the proxy fits, spend the rest on batch."""
     p, start = job.preset, rules.initial_patch_size(spacing, median_shape)
     reference, ref_bs = job.reference(len(spacing))
-    topo, net, estimate = _fit(spacing, start.value, job)
-    first_patch, steps = topo.patch_size, 0
-    while (estimate / ref_bs * 2 if p.shrink_per_sample else estimate) > reference:
-        # shrink by the divisor the smaller patch will need (not the current one) so that no valid size is skipped
-        axis = _shrink_axis(topo.patch_size, median_shape)
-        trial = list(topo.patch_size)
-        trial[axis] -= topo.divisor[axis]
-        patch = list(topo.patch_size)
-        patch[axis] -= pool_and_conv_props(spacing, trial, min_feature_map_size=p.min_feature_map_size).divisor[axis]
-        if patch[axis] <= 0:
-            raise PlanningError(f"no patch fits {job.gpu_memory_gb:g} GB with preset {p.name}; raise the GPU memory")
-        topo, net, estimate = _fit(spacing, patch, job)
-        steps += 1
+
+    def fits(topo: Topology) -> bool:
+        estimate = _fit(spacing, topo.patch_size, job)[2]
+        return (estimate / ref_bs * 2 if p.shrink_per_sample else estimate) <= reference
+
+    first_patch = _fit(spacing, start.value, job)[0].patch_size
+    shrunk = shrink_patch(
+        start.value,
+        median_shape,
+        lambda patch: pool_and_conv_props(spacing, patch, min_feature_map_size=p.min_feature_map_size),
+        fits,
+        step="next",
+        ties="last",
+        min_edge=1,
+    )
+    if shrunk is None:
+        raise PlanningError(f"no patch fits {job.gpu_memory_gb:g} GB with preset {p.name}; raise the GPU memory")
+    topo, net, estimate = _fit(spacing, shrunk[0].patch_size, job)
+    steps = shrunk[1]
     by_memory = round((reference / estimate) * ref_bs)
     cap = rules.dataset_fraction_batch_cap(n_voxels, topo.patch_size, max_fraction=p.max_dataset_fraction)
     batch = int(max(min(by_memory, cap.value), p.min_batch_size))
@@ -284,27 +287,28 @@ def _configuration(
 
 
 def _lowres(fullres: _Planned, spacing: np.ndarray, median: np.ndarray, job: _Job) -> Configuration | None:
-    """nnU-Net's low-resolution stage: coarsen the spacing in 3% steps (thin axes first) until the patch covers a
-    quarter of the median image; drop the stage when its images are not at least twice smaller."""
+    """nnU-Net's low-resolution stage (:func:`rules.plan_lowres`), the median image rounded at each spacing."""
     p = job.preset
-    median_voxels = float(np.prod(median, dtype=np.float64))
-    need = rules.needs_lowres(fullres.topology.patch_size, median_voxels, threshold=p.lowres_threshold)
-    planned, low_spacing, low_median = None, spacing.copy(), tuple(median)
-    while need.value:
-        low_spacing = rules.increase_lowres_spacing(low_spacing, factor=p.lowres_spacing_factor)
-        scaled = spacing / low_spacing * median
-        median_voxels = float(np.prod(scaled, dtype=np.float64))
-        low_median = tuple(float(round(v)) for v in scaled)
-        planned = _plan_patch_and_batch(low_spacing, low_median, median_voxels * job.fingerprint.n_cases, job)
-        need = rules.needs_lowres(planned.topology.patch_size, median_voxels, threshold=p.lowres_threshold)
-    if planned is None:
+
+    def plan(low_spacing: np.ndarray, scaled: np.ndarray) -> _Planned:
+        n_voxels = float(np.prod(scaled, dtype=np.float64)) * job.fingerprint.n_cases
+        return _plan_patch_and_batch(low_spacing, tuple(float(round(v)) for v in scaled), n_voxels, job)
+
+    low = rules.plan_lowres(
+        spacing,
+        median,
+        fullres.topology.patch_size,
+        plan,
+        lambda planned: planned.topology.patch_size,
+        threshold=p.lowres_threshold,
+        factor=p.lowres_spacing_factor,
+    )
+    if low is None:
         return None
-    worth = rules.lowres_is_worthwhile(median, median_voxels)
-    if not worth.value:
-        return None
-    why = f"spacing coarsened to {rules.fmt(low_spacing)} mm; {worth.why}"
+    low_median = tuple(float(round(v)) for v in low.median_shape)
+    why = f"spacing coarsened to {rules.fmt(low.spacing)} mm; {low.worth.why}"
     return _configuration(
-        "3d_lowres", planned, low_spacing, low_median, job, False, "per-sample Dice for the low-resolution stage"
+        "3d_lowres", low.planned, low.spacing, low_median, job, False, "per-sample Dice for the low-resolution stage"
     ).with_reason(why)
 
 
@@ -368,25 +372,17 @@ def plan_nnunet(fingerprint: Fingerprint, preset: str = "nnunet", *, gpu_memory_
             configs["3d_cascade_fullres"] = replace(
                 configs["3d_fullres"], name="3d_cascade_fullres", previous_stage="3d_lowres", inherits_from="3d_fullres"
             ).with_reason("second cascade stage: full resolution, with the low-resolution prediction as extra input")
-    return Plans(
-        dataset_name=fingerprint.dataset_name,
+    return Plans.for_dataset(
+        fingerprint,
+        forward=forward,
+        backward=backward,
+        configurations=configs,
         planner=p.name,
         device=DeviceSpec(
             kind="cuda",
             memory_bytes=int(job.gpu_memory_gb * GIB),
             name=f"nnU-Net {p.name} target ({job.gpu_memory_gb:g} GB)",
         ),
-        channels=tuple(c.name for c in fingerprint.channels),
-        labels=dict(fingerprint.labels),
-        transpose_forward=tuple(forward),
-        transpose_backward=tuple(backward),
-        original_median_spacing=tuple(float(v) for v in np.median(spacings, axis=0)[forward]),
-        original_median_shape=tuple(float(v) for v in np.median(shapes, axis=0)[forward]),
-        configurations=configs,
-        regions=dict(fingerprint.regions),
-        region_class_order=fingerprint.region_class_order,
-        ignore_label=fingerprint.ignore_label,
-        file_ending=fingerprint.file_ending,
         why=(target.why, transpose.why, f"reproduces nnU-Net v2's {p.planner_class} ({p.plans_name})"),
     )
 

@@ -99,22 +99,15 @@ def _base_configuration(fp: Fingerprint, norm: rules.Decision, training) -> Conf
 
 def _lowres(fp, spacing, median, n_cases, budget, base, fullres: Configuration) -> Configuration | None:
     """nnU-Net's rule: a coarser stage while the full-resolution patch covers < 25% of the median image."""
-    need = rules.needs_lowres(fullres.patch_size, float(np.prod(median)))
-    if not need.value:
-        return None
-    lowres_spacing = np.asarray(spacing, float)
-    for _ in range(200):
-        lowres_spacing = rules.increase_lowres_spacing(lowres_spacing)
-        lowres_median = np.asarray(median) * np.asarray(spacing) / lowres_spacing
-        config = default.plan_configuration(
-            "3d_lowres", fp, lowres_spacing, lowres_median, float(np.prod(lowres_median)) * n_cases, budget, base
-        )
-        if not rules.needs_lowres(config.patch_size, float(np.prod(lowres_median))).value:
-            break
-    worth = rules.lowres_is_worthwhile(median, float(np.prod(lowres_median)))
-    if not worth.value:
-        return None
-    return config.with_reason(need.why, worth.why)
+
+    def plan(low_spacing: np.ndarray, low_median: np.ndarray) -> Configuration:
+        n_voxels = float(np.prod(low_median)) * n_cases
+        return default.plan_configuration("3d_lowres", fp, low_spacing, low_median, n_voxels, budget, base)
+
+    low = rules.plan_lowres(
+        np.asarray(spacing, float), np.asarray(median, float), fullres.patch_size, plan, lambda c: c.patch_size
+    )
+    return None if low is None else low.planned.with_reason(low.need.why, low.worth.why)
 
 
 def _plan_configurations(
@@ -212,21 +205,13 @@ def make_plans(
         for n, c in configs.items()
     }
     configs, cross_validation = _fit_time(configs, seconds, budget, time_budget_hours, n_folds, why, cross_validation)
-    plans = Plans(
-        dataset_name=fp.dataset_name,
+    plans = Plans.for_dataset(
+        fp,
+        forward=forward,
+        backward=backward,
+        configurations=configs,
         planner="autoseg-default",
         device=dataclasses.replace(dev, flops_per_second=budget.flops_per_second),
-        channels=tuple(c.name for c in fp.channels),
-        labels=dict(fp.labels),
-        transpose_forward=tuple(forward),
-        transpose_backward=tuple(backward),
-        original_median_spacing=tuple(float(v) for v in np.asarray(fp.median_spacing)[list(forward)]),
-        original_median_shape=tuple(float(v) for v in np.asarray(fp.median_shape_after_crop)[list(forward)]),
-        configurations=configs,
-        regions=dict(fp.regions),
-        region_class_order=fp.region_class_order,
-        ignore_label=fp.ignore_label,
-        file_ending=fp.file_ending,
         time_budget_hours=time_budget_hours,
         cross_validation=cross_validation,
         why=tuple(why),

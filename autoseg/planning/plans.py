@@ -9,14 +9,20 @@ Every configuration carries ``why``: the reasons for its decisions, in plain wor
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from autoseg.data.labels import foreground_values, n_outputs
 from autoseg.networks.spec import GRAD_CLIP, LossSpec, NetworkSpec
 from autoseg.runfolder import RunFolder
 from autoseg.serialization import load_json, save_json
+
+if TYPE_CHECKING:
+    from autoseg.fingerprint import Fingerprint
 
 __all__ = [
     "FORMAT",
@@ -195,6 +201,33 @@ class Plans:
 
     def save(self, path: Path) -> None:
         save_json(self, path)
+
+    @classmethod
+    def for_dataset(
+        cls,
+        fp: Fingerprint,
+        *,
+        forward: Sequence[int],
+        backward: Sequence[int],
+        configurations: dict[str, Configuration],
+        **fields: Any,
+    ) -> Plans:
+        """Plans of the dataset ``fp`` describes: what every planner copies from the fingerprint, plus ``fields``."""
+        return cls(
+            dataset_name=fp.dataset_name,
+            channels=tuple(c.name for c in fp.channels),
+            labels=dict(fp.labels),
+            transpose_forward=tuple(forward),
+            transpose_backward=tuple(backward),
+            original_median_spacing=tuple(float(v) for v in np.asarray(fp.median_spacing)[list(forward)]),
+            original_median_shape=tuple(float(v) for v in np.asarray(fp.median_shape_after_crop)[list(forward)]),
+            configurations=configurations,
+            regions=dict(fp.regions),
+            region_class_order=fp.region_class_order,
+            ignore_label=fp.ignore_label,
+            file_ending=fp.file_ending,
+            **fields,
+        )
 
 
 def load_plans(path: Path | str) -> Plans:

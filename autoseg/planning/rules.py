@@ -8,7 +8,7 @@ unless a docstring says "preprocessed order" (after :func:`transpose_for_spacing
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -31,6 +31,8 @@ __all__ = [
     "needs_lowres",
     "increase_lowres_spacing",
     "lowres_is_worthwhile",
+    "LowRes",
+    "plan_lowres",
     "spacing_2d",
     "augmentation_for_patch",
     "fmt",
@@ -258,6 +260,49 @@ def lowres_is_worthwhile(
         "(enough to be worth a cascade)" if keep else f"(< {min_ratio:g}x: the low-resolution stage is dropped)"
     )
     return Decision(keep, why)
+
+
+@dataclass(frozen=True)
+class LowRes(Generic[T]):
+    """A low-resolution stage: what the caller planned at ``spacing``, the median image there (not rounded)."""
+
+    planned: T
+    spacing: np.ndarray
+    median_shape: np.ndarray
+    need: Decision[bool]
+    worth: Decision[bool]
+
+
+def plan_lowres(
+    spacing: np.ndarray,
+    median_shape: np.ndarray,
+    fullres_patch: Sequence[int],
+    plan: Callable[[np.ndarray, np.ndarray], T],
+    patch_of: Callable[[T], Sequence[int]],
+    *,
+    threshold: float = 0.25,
+    factor: float = 1.03,
+) -> LowRes[T] | None:
+    """nnU-Net's low-resolution stage, the one loop of every planner.
+
+    While the full-resolution patch covers less than ``threshold`` of the median image, coarsen the spacing in
+    ``factor`` steps (:func:`increase_lowres_spacing`) and ``plan(spacing, median_shape)`` a configuration there until
+    its patch (``patch_of``) covers ``threshold``. None when no stage is needed or its images would not be at least
+    twice smaller (:func:`lowres_is_worthwhile`).
+    """
+    full_voxels = float(np.prod(median_shape, dtype=np.float64))
+    need = needs_lowres(fullres_patch, full_voxels, threshold=threshold)
+    if not need.value:
+        return None
+    low = np.asarray(spacing, dtype=float)
+    while True:
+        low = increase_lowres_spacing(low, factor=factor)
+        scaled = np.asarray(spacing, dtype=float) / low * np.asarray(median_shape, dtype=float)
+        planned = plan(low, scaled)
+        if not needs_lowres(patch_of(planned), float(np.prod(scaled, dtype=np.float64)), threshold=threshold).value:
+            break
+    worth = lowres_is_worthwhile(median_shape, float(np.prod(scaled, dtype=np.float64)))
+    return LowRes(planned, low, scaled, need, worth) if worth.value else None
 
 
 def spacing_2d(spacing_preprocessed: Vector) -> Decision[tuple[float, ...]]:

@@ -12,20 +12,34 @@ This is nnU-Net's published rule (``get_pool_and_conv_props``), written as one p
 
 Spatial lists are in the order they are given (the preprocessed axis order for a plan).
 
-:func:`conv_feature_map_voxels` is nnU-Net's memory proxy for a U-Net built on such a topology.
+The planning skeleton shared by the default planner, the nnU-Net presets and the search space also lives here:
+:func:`unet_for_topology` (the one network builder), :func:`shrink_patch` (the one patch-shrink loop; each caller
+passes its own fit rule and tie-break) and :func:`conv_feature_map_voxels` (nnU-Net's memory proxy for a U-Net
+built on such a topology).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 
 from autoseg.planning.plans import NetworkSpec
 
-__all__ = ["Topology", "pool_and_conv_props", "pad_to_multiple", "conv_feature_map_voxels"]
+__all__ = [
+    "Topology",
+    "pool_and_conv_props",
+    "pad_to_multiple",
+    "unet_for_topology",
+    "shrink_patch",
+    "conv_feature_map_voxels",
+]
+
+#: Encoder blocks per stage of a residual U-Net (nnU-Net's ResEnc presets); plain U-Nets use two convolutions.
+RESIDUAL_BLOCKS = (1, 3, 4, 6, 6, 6, 6, 6, 6, 6, 6, 6)
 
 
 @dataclass(frozen=True)
@@ -132,6 +146,75 @@ def pool_and_conv_props(
         patch_size=pad_to_multiple(patch_size, divisor),
         divisor=divisor,
     )
+
+
+def unet_for_topology(
+    topology: Topology,
+    base: int,
+    *,
+    max_features: int,
+    block: str = "plain",
+    encoder: Sequence[int] | None = None,
+    decoder: Sequence[int] | None = None,
+) -> NetworkSpec:
+    """U-Net on ``topology``: ``base`` features doubling per stage up to ``max_features``.
+
+    ``encoder`` / ``decoder`` (convolutions or residual blocks per stage) default to two convolutions per stage for
+    plain blocks and to :data:`RESIDUAL_BLOCKS` with one decoder convolution for residual ones.
+    """
+    n = topology.n_stages
+    if encoder is None:
+        encoder = RESIDUAL_BLOCKS if block == "residual" else (2,) * n
+    if decoder is None:
+        decoder = (1 if block == "residual" else 2,) * (n - 1)
+    if n > len(encoder) or n - 1 > len(decoder):
+        raise ValueError(f"{n} stages needed but only {len(encoder)} encoder stages are defined; reduce the patch")
+    return NetworkSpec(
+        n_stages=n,
+        features_per_stage=tuple(min(max_features, base * 2**i) for i in range(n)),
+        kernel_sizes=topology.kernel_sizes,
+        strides=topology.strides,
+        n_conv_per_stage=tuple(encoder[:n]),
+        n_conv_per_stage_decoder=tuple(decoder[: n - 1]),
+        block=block,
+    )
+
+
+def shrink_patch(
+    start: Sequence[float] | np.ndarray,
+    median: Sequence[float] | np.ndarray,
+    topology: Callable[[Sequence[float] | np.ndarray], Topology],
+    fits: Callable[[Topology], bool],
+    *,
+    step: Literal["current", "next"] = "current",
+    ties: Literal["last", "first"] = "last",
+    min_edge: int = 4,
+) -> tuple[Topology, int] | None:
+    """Shrink a patch until ``fits(topology(patch))``: the planners' one shrink loop.
+
+    Each round takes one divisor step off the axis whose patch is largest relative to the ``median`` image (``ties``:
+    the last or the first such axis). ``step="current"`` subtracts the current topology's divisor on that axis;
+    ``"next"`` subtracts the divisor the smaller patch will need, so that no valid size is skipped (nnU-Net's rule).
+
+    Returns the fitting topology and the number of rounds, or None once an axis would drop below ``min_edge``.
+    """
+    topo = topology(start)
+    steps = 0
+    while not fits(topo):
+        ratios = np.array([p / m for p, m in zip(topo.patch_size, median)])
+        axis = int(np.flatnonzero(ratios == ratios.max())[-1 if ties == "last" else 0])
+        patch = list(topo.patch_size)
+        if step == "next":
+            trial = list(patch)
+            trial[axis] -= topo.divisor[axis]
+            patch[axis] -= topology(trial).divisor[axis]
+        else:
+            patch[axis] -= topo.divisor[axis]
+        if patch[axis] < min_edge:
+            return None
+        topo = topology(patch)
+        steps += 1
+    return topo, steps
 
 
 def _prod(shape: Sequence[int]) -> int:

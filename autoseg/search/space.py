@@ -34,7 +34,7 @@ from autoseg.errors import ConfigError, PlanningError
 from autoseg.planning import default, rules
 from autoseg.planning.memory import estimate_flops
 from autoseg.planning.plans import Configuration, LossSpec, NetworkSpec, Plans
-from autoseg.planning.topology import Topology, pad_to_multiple, pool_and_conv_props
+from autoseg.planning.topology import Topology, pad_to_multiple, pool_and_conv_props, shrink_patch, unet_for_topology
 
 __all__ = [
     "Param",
@@ -168,7 +168,7 @@ def limits_for(plans: Plans, flops_per_second: float | None = None) -> Limits:
     return Limits(budget, knows)
 
 
-def _topology(spacing: Sequence[float], wanted: Sequence[float], depth_delta: int) -> Topology:
+def _topology(spacing: Sequence[float], wanted: Sequence[float] | np.ndarray, depth_delta: int) -> Topology:
     """The deepest topology for ``wanted`` minus ``-depth_delta`` stages (at least two stay), patch padded to it."""
     topo = pool_and_conv_props(spacing, wanted)
     n = max(min(2, topo.n_stages), topo.n_stages + depth_delta)
@@ -188,7 +188,7 @@ def _network(c: Configuration, topo: Topology, params: Mapping[str, Any]) -> Net
     rule = c.network
     base = max(4, int(round(rule.features_per_stage[0] * params["width_scale"])))
     cap = min(MAX_FEATURES[c.ndim], max(base, int(round(max(rule.features_per_stage) * params["width_scale"]))))
-    net = default.network(topo, base, block=params["block"], max_features=cap)
+    net = unet_for_topology(topo, base, block=params["block"], max_features=cap)
     return dataclasses.replace(
         net, norm=rule.norm, nonlin=rule.nonlin, deep_supervision=rule.deep_supervision, conv_bias=rule.conv_bias
     )
@@ -210,25 +210,31 @@ def _architecture(
     upper = [max(p, int(math.ceil(m))) for p, m in zip(c.patch_size, c.median_image_size)]
     wanted = [min(u, p * scale ** (1 / c.ndim)) for p, u in zip(c.patch_size, upper)]
     batch = max(1, int(round(c.batch_size * float(np.prod(c.patch_size)) / float(np.prod(wanted)))))
-    first: tuple[tuple[int, ...], int] | None = None
-    while True:  # every round shrinks the batch, or the patch by one divisor step
-        topo = _topology(c.spacing, wanted, int(params["depth_delta"]))
-        net = _network(c, topo, params)
-        first = first or (topo.patch_size, batch)
-        if topo.n_stages < min(2, c.network.n_stages):  # too small to pool: no U-Net left
-            break
-        if limits.fits(net, topo.patch_size, batch):
-            changed = first != (topo.patch_size, batch)
-            notes = [f"patch {list(first[0])} batch {first[1]} repaired to fit the budget"] if changed else []
-            return net, tuple(topo.patch_size), batch, notes
-        if batch > 1:
-            batch -= 1
-            continue
-        axis = int(np.argmax([p / m for p, m in zip(topo.patch_size, c.median_image_size)]))
-        wanted = list(topo.patch_size)
-        wanted[axis] -= topo.divisor[axis]
-        if wanted[axis] < 4:
-            break
+    depth = int(params["depth_delta"])
+    topo = _topology(c.spacing, wanted, depth)
+    first = (topo.patch_size, batch)
+
+    def usable(t: Topology) -> bool:  # at least two stages (a U-Net), unless the rule plan had fewer
+        return t.n_stages >= min(2, c.network.n_stages)
+
+    # the wanted patch with the largest batch that fits, else batch 1 and the patch shrunk to fit
+    fitting = next(
+        (b for b in range(batch, 0, -1) if usable(topo) and limits.fits(_network(c, topo, params), topo.patch_size, b)),
+        None,
+    )
+    if fitting is None:
+        shrunk = shrink_patch(
+            wanted,
+            c.median_image_size,
+            lambda patch: _topology(c.spacing, patch, depth),
+            lambda t: usable(t) and limits.fits(_network(c, t, params), t.patch_size, 1),
+            ties="first",
+        )
+        topo, fitting = (shrunk[0], 1) if shrunk is not None else (topo, None)
+    if fitting is not None:
+        changed = first != (topo.patch_size, fitting)
+        notes = [f"patch {list(first[0])} batch {first[1]} repaired to fit the budget"] if changed else []
+        return _network(c, topo, params), tuple(topo.patch_size), fitting, notes
     target = limits.seconds_target(c.ndim)
     raise PlanningError(
         f"search: no patch of {c.name} fits the budget with width x{params['width_scale']}, {params['block']} "
