@@ -71,9 +71,11 @@ def train_jobs(
     in_process: bool | None = None,
     options: TrainOptions | None = None,
     validate: bool = True,
+    progress: Callable[[int, int], None] | None = None,
 ) -> None:
     """Train (configuration, fold) jobs that are not finished (:func:`fold_finished`): in this process on a CPU,
-    else spread on GPUs. Each job is :func:`train_and_validate` (``validate`` False skips the validation cases).
+    else spread on GPUs. Each job is :func:`train_and_validate` (``validate`` False skips the validation cases);
+    ``progress(done, total)`` is called as jobs end.
 
     ``overrides`` (``key=value``) are applied to ``plans`` by each job, which records them with its fold.
     """
@@ -98,8 +100,10 @@ def train_jobs(
         log.info("every requested fold is trained")
         return
     device_list = detect_devices(devices)
+    if progress is not None:
+        progress(0, len(jobs))
     if in_process or (in_process is None and device_list == ["cpu"]):
-        for job in jobs:
+        for done, job in enumerate(jobs, 1):
             train_and_validate(
                 run_dir,
                 job.config,
@@ -109,8 +113,12 @@ def train_jobs(
                 options=TrainOptions(device=device_list[0], workers=options.workers),
                 validate=validate,
             )
+            if progress is not None:
+                progress(done, len(jobs))
         return
-    results = run_jobs(run_dir, jobs, device_list, overrides=overrides, workers=options.workers, validate=validate)
+    results = run_jobs(
+        run_dir, jobs, device_list, overrides=overrides, workers=options.workers, validate=validate, progress=progress
+    )
     failed = [r for r in results if not r.ok]
     if failed:
         raise TrainingError(
@@ -218,7 +226,15 @@ def run_pipeline(
         # only what was preprocessed competes; one name fixes the configuration, several are searched over
         search(run_dir, trials=search_trials or None, time_budget_hours=search_hours, config=names, device=device)
         plans = load_plans(run_dir)
-    train_jobs(run_dir, plans, names, folds, devices=devices, options=TrainOptions(device=device))
+    train_jobs(
+        run_dir,
+        plans,
+        names,
+        folds,
+        devices=devices,
+        options=TrainOptions(device=device),
+        progress=progress("train (jobs)") if progress else None,
+    )
     if not plans.cross_validation and folds in ("cv", ["cv"]):
         log.warning("the plan trains one model on all cases (small time budget): no cross-validation to select from")
         return None

@@ -82,6 +82,7 @@ def _ensemble(
                 )
             p = np.load(npz)["probabilities"].astype(np.float32)
             probs = p if probs is None else probs + p
+        assert probs is not None  # configs is never empty
         _, geometry = read_label(path)
         write_image(probabilities_to_labels(probs / len(configs), plans), geometry, target)
     return out
@@ -187,7 +188,7 @@ def select(run_dir: Path | str, *, configurations: list[str] | None = None) -> S
         per_case[name] = _per_case_dice(summary)
         per_class[name] = {k: float(v["dice"].mean) for k, v in summary.per_class.items()}
         log.info("candidate %s: mean foreground Dice %.4f", name, scores[name])
-    ranked = sorted(scores, key=scores.get, reverse=True)
+    ranked = sorted(scores, key=scores.__getitem__, reverse=True)
     best = ranked[0]
     difference = {}
     if len(ranked) > 1:

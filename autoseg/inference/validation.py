@@ -8,6 +8,7 @@ Writes ``RUN/models/<config>/fold_<k>/validation/<case><ending>`` (label maps in
 from __future__ import annotations
 
 import logging
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -64,8 +65,9 @@ def predict_validation(
         image, _, geometry = load_case(spec, case)
         prediction = predictor.predict(image, geometry, keep_probabilities=keep_probabilities)
         if keep_probabilities:
+            assert prediction.probabilities is not None
             probs = prediction.probabilities.astype(np.float16)
-            atomic_path(out / f"{case_id}.npz", lambda tmp, p=probs: np.savez_compressed(tmp, probabilities=p))
+            atomic_path(out / f"{case_id}.npz", partial(np.savez_compressed, probabilities=probs))
         write_image(prediction.labels, geometry, target)
         log.info("validation %s fold %s: %d/%d %s", config, fold, i + 1, len(val_ids), case_id)
     references = reference_labels(run_dir, spec)

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from torch import nn
-
 from autoseg.networks.spec import NetworkSpec
 from autoseg.networks.unet import UNet
 
 __all__ = ["build_network"]
 
 
-def build_network(spec: NetworkSpec, in_channels: int, n_outputs: int) -> nn.Module:
+def build_network(spec: NetworkSpec, in_channels: int, n_outputs: int) -> UNet:
     """Build the U-Net that ``spec`` describes.
 
     Parameters

@@ -174,8 +174,11 @@ def run_jobs(
     launcher: Launcher | None = None,
     poll_seconds: float = 0.5,
     stop_seconds: float = 30.0,
+    progress: Callable[[int, int], None] | None = None,
 ) -> list[JobResult]:
     """Run ``jobs`` over ``devices``, one job per device at a time; return every job's result (failures too).
+
+    ``progress(done, total)`` is called as jobs end.
 
     Stopped early (SIGTERM, Ctrl-C, an error), it stops the running jobs (``stop_seconds`` to end cleanly, then
     killed) before raising.
@@ -185,7 +188,7 @@ def run_jobs(
     running: dict[str, tuple[Job, subprocess.Popen, float, Path]] = {}
     with sigterm_raises():
         try:
-            return _place(run_dir, list(jobs), list(devices), launch, running, poll_seconds)
+            return _place(run_dir, list(jobs), list(devices), launch, running, poll_seconds, progress)
         finally:
             _stop_jobs([proc for _, proc, _, _ in running.values()], stop_seconds)
 
@@ -197,9 +200,11 @@ def _place(
     launch: Launcher,
     running: dict[str, tuple[Job, subprocess.Popen, float, Path]],
     poll_seconds: float,
+    progress: Callable[[int, int], None] | None = None,
 ) -> list[JobResult]:
     free = list(devices)
     results: list[JobResult] = []
+    total = len(queue)
     while queue or running:
         while queue and len(free) >= min(queue[0].gpus, len(devices)):
             job = queue.pop(0)
@@ -219,6 +224,8 @@ def _place(
             free.extend(device.split(","))
             result = JobResult(job, device, code, round(time.perf_counter() - start, 1), logfile)
             results.append(result)
+            if progress is not None:
+                progress(len(results), total)
             if result.ok:
                 log.info("done %s fold %s on %s in %.0f s", job.config, job.fold, device, result.seconds)
             else:

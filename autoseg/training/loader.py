@@ -24,6 +24,7 @@ import signal
 import traceback
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from multiprocessing.process import BaseProcess
 from typing import Protocol
 
 import numpy as np
@@ -207,7 +208,7 @@ class BatchLoader:
     def __init__(self, source: CaseSource, recipe: BatchRecipe, *, workers: int = 0, start: int = 0, prefetch: int = 3):
         self.source, self.recipe, self.workers = source, recipe, workers
         self.next_index = self._start = start
-        self._procs: list[mp.Process] = []
+        self._procs: list[BaseProcess] = []
         self._queues: list[mp.Queue] = []
         self._transforms = None
         self._signals = contextlib.ExitStack()
@@ -217,7 +218,7 @@ class BatchLoader:
             self._transforms = _build(recipe)
 
     def _start_workers(self, prefetch: int) -> None:
-        ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+        ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context("spawn")
         self._stop = ctx.Event()
         self._signals.enter_context(sigterm_raises())
         try:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from autoseg.devices import resolve_device, training_dtype
 from autoseg.errors import ConfigError, TrainingError
@@ -101,46 +102,40 @@ def _optimizer(configuration: Configuration, params) -> torch.optim.Optimizer:
 
 def _recipes(plans: Plans, c: Configuration, train_ids, val_ids, n_ds: int, seed: int) -> tuple[BatchRecipe, ...]:
     scales = tuple(deep_supervision_scales(c.network.strides, n_ds)) if n_ds > 1 else None
-    common = dict(
-        patch_size=tuple(c.patch_size),
-        batch_size=c.batch_size,
-        oversample_foreground=c.foreground_oversampling,
-        ds_scales=scales,
-    )
     train = BatchRecipe(
         case_ids=tuple(train_ids),
+        patch_size=tuple(c.patch_size),
         sampling_patch_size=sampling_patch_size(c.patch_size, c.augmentation),
+        batch_size=c.batch_size,
+        oversample_foreground=c.foreground_oversampling,
         augmentation=c.augmentation,
+        ds_scales=scales,
         seed=seed,
-        **common,
     )
-    val = BatchRecipe(
+    val = dataclasses.replace(
+        train,
         case_ids=tuple(val_ids or train_ids),
         sampling_patch_size=tuple(c.patch_size),
         augmentation=None,
         seed=seed + 1,
-        **common,
     )
     return train, val
 
 
 def _pseudo_dice_counts(output: torch.Tensor, target: torch.Tensor, plans: Plans) -> np.ndarray:
     """(n_classes, 3) true positives, false positives, false negatives of the arg-max (or sigmoid) prediction."""
+    valid = (
+        (target != plans.ignore_label) if plans.ignore_label is not None else torch.ones_like(target, dtype=torch.bool)
+    )
     if plans.regions:
         pred = output > 0
         truth = torch.stack(
             [torch.isin(target[:, 0], torch.tensor(v, device=target.device)) for v in plans.regions.values()], 1
         )
-        valid = (
-            (target != plans.ignore_label) if plans.ignore_label is not None else torch.ones_like(target, dtype=bool)
-        )
     else:
         labels = output.argmax(1, keepdim=True)
         classes = torch.arange(1, plans.n_outputs, device=output.device).view(1, -1, *[1] * (output.ndim - 2))
         pred, truth = labels == classes, target == classes
-        valid = (
-            (target != plans.ignore_label) if plans.ignore_label is not None else torch.ones_like(target, dtype=bool)
-        )
     dims = [0] + list(range(2, output.ndim))
     tp = (pred & truth & valid).sum(dims)
     fp = (pred & ~truth & valid).sum(dims)
@@ -227,7 +222,7 @@ def _train(
     if not cases:
         raise TrainingError(f"{folder}: no preprocessed cases; run `autoseg preprocess {run_dir}` first")
     splits = load_or_make_splits(run_dir, cases)
-    train_ids, val_ids = fold_cases(splits, fold if fold == "all" else int(fold))
+    train_ids, val_ids = fold_cases(splits, "all" if fold == "all" else int(fold))
     seed = t.seed + (0 if fold == "all" else int(fold))
     if options.deterministic:
         torch.use_deterministic_algorithms(True)
@@ -332,18 +327,23 @@ def _run_epoch(
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     start, losses = time.perf_counter(), []
+    # a bar per epoch on a terminal (rate and ETA of the epoch); logs get the line per epoch only
+    bar = tqdm(total=t.iterations_per_epoch, desc=f"epoch {epoch + 1}", unit="it", leave=False, disable=None)
     for _ in range(t.iterations_per_epoch):
         data, targets = _to(next(batches), device)
         losses.append(
             train_step(network, optimizer, scaler, loss_fn, data, targets, dtype=dtype, grad_clip=t.grad_clip)
         )
+        bar.update()
+    bar.close()
     train_seconds = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     if val_recipe is None:  # a non-main DDP rank: rank 0 validates
         return {"epoch": epoch, "train_loss": float(np.mean(losses))}
     network.eval()
     local = getattr(network, "module", network)  # rank 0 validates alone: the unwrapped network, no collectives
-    counts, val_losses = 0, []
+    batch_counts: list[np.ndarray] = []
+    val_losses: list[float] = []
     with torch.no_grad(), BatchLoader(source, val_recipe, workers=0, start=epoch * t.val_iterations) as val_batches:
         for _ in range(t.val_iterations):
             data, targets = _to(next(val_batches), device)
@@ -351,7 +351,8 @@ def _run_epoch(
                 outputs = local(data)
             val_losses.append(float(loss_fn(outputs, targets if isinstance(outputs, (list, tuple)) else targets[0])))
             top = outputs[0] if isinstance(outputs, (list, tuple)) else outputs
-            counts = counts + _pseudo_dice_counts(top.float(), targets[0], plans)
+            batch_counts.append(_pseudo_dice_counts(top.float(), targets[0], plans))
+    counts = np.sum(batch_counts, axis=0)
     tp, fp, fn = counts[:, 0], counts[:, 1], counts[:, 2]
     dice = np.where(2 * tp + fp + fn > 0, 2 * tp / np.maximum(2 * tp + fp + fn, 1), np.nan)
     return {
