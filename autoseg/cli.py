@@ -19,24 +19,43 @@ from autoseg.processes import command_status
 __all__ = ["main", "build_parser"]
 
 
+class _StageBars:
+    """``autoseg run``'s progress: ``bars(stage)`` gives the stage a ``progress(done, total)`` callback drawing a
+    tqdm bar (with rate and ETA) that closes when the stage is done."""
+
+    def __init__(self) -> None:
+        self._open: list = []
+
+    def __call__(self, desc: str) -> Callable[[int, int], None]:
+        from tqdm import tqdm
+
+        bar = None
+
+        def update(done: int, total: int) -> None:
+            nonlocal bar
+            if bar is None:
+                unit = "job" if desc.startswith("train") else "case"
+                bar = tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, leave=True)
+                self._open.append(bar)
+            bar.update(done - bar.n)
+            if done >= total:
+                bar.close()
+
+        return update
+
+    def close(self) -> None:
+        for bar in self._open:
+            bar.close()
+
+
 @contextmanager
 def _progress_bar(desc: str):
     """Yield a ``progress(done, total)`` callback drawing a tqdm bar on stderr."""
-    from tqdm import tqdm
-
-    bar = None
-
-    def update(done: int, total: int) -> None:
-        nonlocal bar
-        if bar is None:
-            bar = tqdm(total=total, desc=desc, unit="case", file=sys.stderr, leave=True)
-        bar.update(done - bar.n)
-
+    bars = _StageBars()
     try:
-        yield update
+        yield bars(desc)
     finally:
-        if bar is not None:
-            bar.close()
+        bars.close()
 
 
 def _cmd_synth(args: argparse.Namespace) -> int:
@@ -147,11 +166,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
+    from autoseg.export.bundle import model_folder
     from autoseg.inference.predict import predict_path
 
     with _progress_bar("predict") as progress:
         written = predict_path(
-            args.model,
+            model_folder(args.model),
             args.input,
             args.output,
             configs=args.configs,
@@ -167,6 +187,14 @@ def _cmd_predict(args: argparse.Namespace) -> int:
             progress=progress,
         )
     print(f"wrote {len(written)} prediction(s) to {args.output}")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from autoseg.export.bundle import export_bundle
+
+    out = export_bundle(args.run, args.output, configs=args.configs, folds=args.folds)
+    print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MB); predict with: autoseg predict -m {out} -i IMAGES -o OUT")
     return 0
 
 
@@ -250,12 +278,27 @@ def _cmd_search(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from autoseg.pipeline import resume_summary, run_pipeline
+    from autoseg.pipeline import resume_summary
 
     state = resume_summary(args.output)
     if state:
         print(f"{args.output} exists: {state}", flush=True)
-    selection = run_pipeline(
+    bars = _StageBars()
+    try:
+        selection = _run(args, bars)
+    finally:
+        bars.close()
+    if selection is not None:
+        _print_selection(selection)
+    else:
+        print(f"trained; predict with: autoseg predict -m {args.output} -i IMAGES -o OUT")
+    return 0
+
+
+def _run(args: argparse.Namespace, bars: _StageBars):
+    from autoseg.pipeline import run_pipeline
+
+    return run_pipeline(
         args.data,
         args.output,
         device=args.device,
@@ -271,13 +314,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         search_hours=args.search_time,
         n_folds=args.n_folds,
         cross_validation=CROSS_VALIDATION[args.cross_validation],
-        progress=lambda name: None,
+        progress=bars,
     )
-    if selection is not None:
-        _print_selection(selection)
-    else:
-        print(f"trained; predict with: autoseg predict -m {args.output} -i IMAGES -o OUT")
-    return 0
 
 
 def _cmd_example(args: argparse.Namespace) -> int:
@@ -368,7 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a plan field")
 
     p = add("predict", _cmd_predict, "segment new images with a trained run folder")
-    p.add_argument("-m", "--model", type=Path, required=True, help="run folder")
+    p.add_argument("-m", "--model", type=Path, required=True, help="run folder or model bundle (autoseg export)")
     p.add_argument("-i", "--input", type=Path, required=True, help="image folder, one image file, or a DICOM folder")
     p.add_argument("-o", "--output", type=Path, required=True, help="output folder")
     p.add_argument("--configs", nargs="+", default=None, help="configurations (default: selection.json)")
@@ -403,6 +441,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="forward-pass precision; auto (default): fp16 on a GPU, bf16 on a CPU with native bf16 (AVX512-BF16/AMX), "
         "else fp32",
     )
+
+    p = add("export", _cmd_export, "write a trained run's model as one file (MODEL.autoseg) that predicts anywhere")
+    p.add_argument("run", type=Path, help="run folder")
+    p.add_argument("-o", "--output", type=Path, required=True, help="bundle file to write, e.g. MODEL.autoseg")
+    p.add_argument("--configs", nargs="+", default=None, help="configurations (default: the selected ensemble)")
+    p.add_argument("--folds", nargs="+", default=None, help="folds (default: every trained fold)")
 
     p = add("evaluate", _cmd_evaluate, "metrics of predicted label files against reference label files")
     p.add_argument("pred", type=Path, help="folder of predictions")

@@ -133,6 +133,40 @@ class Fingerprint:
         save_json(self, path)
 
 
+@dataclass(frozen=True)
+class DataSummary:
+    """What a model keeps of its training data (``training_data.json`` of a bundle): dataset-level facts only, no
+    case ids and no per-case facts. Spatial lists are (z, y, x), spacings in mm."""
+
+    dataset_name: str
+    dim: int
+    n_cases: int
+    labels: dict[str, int]
+    channels: tuple[ChannelFingerprint, ...]
+    classes: tuple[ClassFingerprint, ...]
+    spacing_min: tuple[float, ...]
+    spacing_median: tuple[float, ...]
+    spacing_max: tuple[float, ...]
+    median_shape_after_crop: tuple[float, ...]
+    format: int = 1
+
+    @classmethod
+    def of(cls, fp: Fingerprint) -> DataSummary:
+        spacings = fp.spacings
+        return cls(
+            dataset_name=fp.dataset_name,
+            dim=fp.dim,
+            n_cases=fp.n_cases,
+            labels=dict(fp.labels),
+            channels=fp.channels,
+            classes=fp.classes,
+            spacing_min=tuple(float(v) for v in spacings.min(axis=0)),
+            spacing_median=tuple(float(v) for v in fp.median_spacing),
+            spacing_max=tuple(float(v) for v in spacings.max(axis=0)),
+            median_shape_after_crop=tuple(float(v) for v in fp.median_shape_after_crop),
+        )
+
+
 def load_fingerprint(path: Path | str) -> Fingerprint:
     """Read ``fingerprint.json`` (a run folder is accepted too)."""
     path = Path(path)

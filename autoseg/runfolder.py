@@ -12,6 +12,9 @@ Layout (every path in the package comes from :class:`RunFolder`)::
     RUN/references/               links to the training labels under the names predictions get
     RUN/search/                   autoseg search: study and trial folders
 
+A model bundle (``autoseg export``) unpacks to a run folder with plans.json, selection.json, the exported folds'
+weights, ``training_data.json`` (the fingerprint's dataset-level summary) and ``manifest.json``.
+
 ``RUN/run.json`` records the dataset folder (absolute path) when the fingerprint is made; later stages that
 need the original images (preprocessing, validation at full resolution, selection) read it from there.
 """
@@ -48,6 +51,12 @@ class RunFolder:
     @property
     def fingerprint(self) -> Path:
         return self.root / "fingerprint.json"
+
+    @property
+    def data_summary(self) -> Path:
+        """``training_data.json``: the training data's :class:`~autoseg.fingerprint.DataSummary` (model bundles,
+        which carry no fingerprint)."""
+        return self.root / "training_data.json"
 
     @property
     def plans(self) -> Path:

@@ -26,7 +26,7 @@ LAYERS: list[set[str]] = [
     {"evaluation"},
     {"training"},
     {"inference"},
-    {"search"},
+    {"search", "export"},
     {"pipeline", "job"},
     {"example"},
     {"cli"},

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,9 @@ import pytest
 from autoseg.cli import main
 from autoseg.data.io import read_header, read_label
 from autoseg.data.synth import make_dataset
+from autoseg.errors import InferenceError
 from autoseg.evaluation.evaluate import evaluate_folders
+from autoseg.export.bundle import open_bundle
 from autoseg.fingerprint import extract_fingerprint
 from autoseg.inference.predict import predict_path
 from autoseg.pipeline import run_pipeline
@@ -141,7 +144,7 @@ def test_predictions_have_the_exact_geometry_of_real_scans(trained, tmp_path, so
         assert written[0].name == "example_ct_dicom.nii.gz"
 
 
-def test_a_budget_for_one_model_trains_it_on_all_cases(tmp_path):
+def test_a_budget_for_one_model_trains_it_on_all_cases(tmp_path, capsys):
     data = make_dataset(tmp_path / "data", "ct3d", cases=4, test_cases=1, seed=6)
     run = tmp_path / "run"
     record_dataset(run, data)
@@ -149,7 +152,11 @@ def test_a_budget_for_one_model_trains_it_on_all_cases(tmp_path):
     plans = make_plans(fp, device="cpu", check_speed=False, cpu_flops=5e7, time_budget_hours=0.001, overrides=TINY)
     assert not plans.cross_validation and list(plans.configurations) == ["3d_fullres"]
     plans.save(run / "plans.json")
-    assert run_pipeline(data, run, device="cpu", workers=1) is None  # nothing to select from
+    assert main(["run", str(data), "-o", str(run), "--device", "cpu", "-j", "1"]) == 0  # nothing to select from
+    shown = capsys.readouterr()
+    assert "trained; predict with" in shown.out
+    for stage in ("preprocess", "train (jobs)"):  # a progress bar per stage (the fingerprint was made above)
+        assert f"{stage}: 100%" in shown.err, shown.err[-2000:]
     assert (run / "models" / "3d_fullres" / "fold_all" / "checkpoint_final.pt").is_file()
     assert not (run / "models" / "3d_fullres" / "fold_0").exists()
     assert main(["select", str(run)]) == 0 and not (run / "selection.json").exists()
@@ -184,3 +191,39 @@ def test_resume_summary_says_where_a_run_resumes(tmp_path):
         "done: fingerprint; plan; preprocessed 3d_fullres (2 cases); 1 fold(s) trained (3d_fullres fold_0); "
         "resuming 3d_fullres fold_1 at epoch 3"
     )
+
+
+def test_exported_bundle_predicts_like_the_run_and_holds_no_patient_data(trained, tmp_path, monkeypatch):
+    data, run = trained
+    bundle = tmp_path / "ship" / "model.autoseg"
+    assert main(["export", str(run), "-o", str(bundle)]) == 0
+    with zipfile.ZipFile(bundle) as archive:
+        names = archive.namelist()
+        blobs = {name: archive.read(name) for name in names}
+    assert {"manifest.json", "plans.json", "selection.json", "training_data.json"} <= set(names)
+    assert not any(n.endswith((".nii.gz", ".npz", ".npy", "splits.json", "fingerprint.json")) for n in names)
+    case_ids = sorted({p.name.split("_0000")[0] for p in (data / "imagesTr").glob("*_0000.nii.gz")})
+    assert case_ids
+    for name, blob in blobs.items():  # no case id, file path or folder name of the run or its data in any file
+        for secret in [*case_ids, str(run), str(data), data.parent.name]:
+            assert secret.encode() not in blob, f"{name} contains {secret!r}"
+    manifest = json.loads(blobs["manifest.json"])
+    assert manifest["members"] and set(manifest["files"]) == set(names) - {"manifest.json"}
+
+    monkeypatch.setenv("AUTOSEG_CACHE", str(tmp_path / "cache"))  # a machine that never unpacked it
+    common = ["-i", str(data / "imagesTs"), "--device", "cpu", "--mirror", "none"]
+    assert main(["predict", "-m", str(run), "-o", str(tmp_path / "from_run"), *common]) == 0
+    assert main(["predict", "-m", str(bundle), "-o", str(tmp_path / "from_bundle"), *common]) == 0
+    for path in sorted((tmp_path / "from_run").glob("*.nii.gz")):
+        expected, geometry = read_label(path)
+        got, got_geometry = read_label(tmp_path / "from_bundle" / path.name)
+        np.testing.assert_array_equal(got, expected)
+        assert got_geometry.same_grid(geometry, atol=0)
+
+    damaged = tmp_path / "damaged.autoseg"
+    with zipfile.ZipFile(bundle) as src, zipfile.ZipFile(damaged, "w") as dst:
+        for name in src.namelist():
+            blob = src.read(name)
+            dst.writestr(name, blob[:-1] + bytes([blob[-1] ^ 1]) if name == "plans.json" else blob)
+    with pytest.raises(InferenceError, match="plans.json does not match its checksum"):
+        open_bundle(damaged, tmp_path / "cache2")

@@ -16,6 +16,7 @@ import tempfile
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +36,7 @@ from autoseg.files import atomic_path, write_text_atomic
 from autoseg.inference.predictor import Predictor
 from autoseg.planning.plans import Plans
 from autoseg.runfolder import RunFolder
+from autoseg.serialization import load_json
 
 __all__ = ["CaseFailure", "PredictionFailed", "check_image", "collect_inputs", "predict_path"]
 
@@ -159,12 +161,16 @@ def check_image(image: np.ndarray, geometry: Geometry, plans: Plans, spacings: n
 
 
 def _training_spacings(run_dir: Path) -> np.ndarray | None:
-    path = RunFolder(run_dir).fingerprint
-    if not path.is_file():
-        return None
-    from autoseg.fingerprint import load_fingerprint
+    """The training images' spacings (rows), from the fingerprint or, in a model bundle, their range."""
+    from autoseg.fingerprint import DataSummary, load_fingerprint
 
-    return load_fingerprint(path).spacings
+    run = RunFolder(run_dir)
+    if run.fingerprint.is_file():
+        return load_fingerprint(run.fingerprint).spacings
+    if run.data_summary.is_file():
+        summary = load_json(DataSummary, run.data_summary)
+        return np.array([summary.spacing_min, summary.spacing_max], dtype=float)
+    return None
 
 
 def _check_writable(out_dir: Path) -> None:
@@ -261,9 +267,11 @@ def predict_path(
         prediction = predictor.predict(image, geometry, keep_probabilities=save_probabilities, uncertainty=uncertainty)
         try:
             if save_probabilities:
+                assert prediction.probabilities is not None
                 probs = prediction.probabilities.astype(np.float16)
-                atomic_path(out_dir / f"{case.id}.npz", lambda tmp, p=probs: np.savez_compressed(tmp, probabilities=p))
+                atomic_path(out_dir / f"{case.id}.npz", partial(np.savez_compressed, probabilities=probs))
             if uncertainty:
+                assert prediction.entropy is not None
                 write_image(prediction.entropy, geometry, out_dir / f"{case.id}_entropy.nii.gz")
                 if prediction.disagreement is not None:
                     write_image(prediction.disagreement, geometry, out_dir / f"{case.id}_disagreement.nii.gz")
