@@ -23,7 +23,8 @@ from autoseg.devices import inference_dtype, resolve_device
 from autoseg.errors import ConfigError, InferenceError
 from autoseg.inference.postprocessing import PostprocessingSpec, apply_postprocessing
 from autoseg.inference.selection import load_selection
-from autoseg.inference.sliding_window import sliding_window_logits
+from autoseg.inference.sliding_window import sliding_window_logits, sliding_window_rows
+from autoseg.inference.streaming import can_stream, labels_from_bands, mean_bands
 from autoseg.networks.builder import build_network
 from autoseg.planning.plans import Configuration, Plans, load_plans
 from autoseg.preprocessing.preprocess import preprocess_case, revert
@@ -105,12 +106,22 @@ def _to_probabilities_(logits: torch.Tensor, *, regions: bool) -> torch.Tensor:
     return logits
 
 
+def _region_order(plans: Plans) -> tuple[int, ...] | None:
+    """The label painted for each sigmoid output, in painting order; None for softmax outputs."""
+    if not plans.regions:
+        return None
+    return plans.region_class_order or tuple(range(1, len(plans.regions) + 1))
+
+
+def _label_dtype(plans: Plans) -> np.dtype:
+    return np.dtype(np.uint8 if plans.regions or plans.n_outputs <= 256 else np.int16)
+
+
 def probabilities_to_labels(probabilities: np.ndarray, plans: Plans) -> np.ndarray:
     """Arg-max of softmax probabilities, or region order for sigmoid (region-based) outputs."""
-    if not plans.regions:
-        labels = probabilities.argmax(0)
-        return labels.astype(np.uint8 if probabilities.shape[0] <= 256 else np.int16)
-    order = plans.region_class_order or tuple(range(1, len(plans.regions) + 1))
+    order = _region_order(plans)
+    if order is None:
+        return probabilities.argmax(0).astype(_label_dtype(plans))
     labels = np.zeros(probabilities.shape[1:], np.uint8)
     for channel, value in enumerate(order):
         labels[probabilities[channel] > 0.5] = value
@@ -208,25 +219,13 @@ class Predictor:
 
         Patch size, mirror axes and dimensionality are each member's own (from its checkpoint).
         """
-        mean, member_labels = None, []
+        mean: np.ndarray | None = None
+        member_labels: list[np.ndarray] = []
         for member in members:
             c = member.configuration
-            # tiles per forward pass: about TILE_VOXELS input voxels (small patches are batched many at a time)
-            tiles = self.tile_batch or max(1, min(256, TILE_VOXELS[self.device.type] // int(np.prod(c.patch_size))))
 
-            def window(volume: np.ndarray, c=c, tiles=tiles, network=member.network) -> torch.Tensor:
-                return sliding_window_logits(
-                    network,
-                    volume,
-                    c.patch_size,
-                    self.plans.n_outputs,
-                    step=self.step,
-                    mirror_axes=tuple(c.augmentation.mirror_axes),
-                    mirror_mode=self.mirror_mode,
-                    tile_batch=tiles,
-                    device=self.device,
-                    autocast_dtype=self.autocast,
-                )
+            def window(volume: np.ndarray, c=c, network=member.network) -> torch.Tensor:
+                return sliding_window_logits(network, volume, c.patch_size, self.plans.n_outputs, **self._window(c))
 
             if c.ndim == 2 and data.ndim == 4:  # 2D network on a 3D case: slice by slice
                 logits = torch.stack([window(data[:, z]) for z in range(data.shape[1])], dim=1)
@@ -239,8 +238,45 @@ class Predictor:
             else:
                 mean += probs
             del logits, probs
+        assert mean is not None  # a configuration has at least one member
         mean /= len(members)
         return mean, member_labels
+
+    def _window(self, c: Configuration) -> dict:
+        """Sliding-window options for a member of configuration ``c``: its patch's tiles per forward pass (about
+        TILE_VOXELS input voxels; small patches are batched many at a time) and mirror axes."""
+        tiles = self.tile_batch or max(1, min(256, TILE_VOXELS[self.device.type] // int(np.prod(c.patch_size))))
+        return {
+            "step": self.step,
+            "mirror_axes": tuple(c.augmentation.mirror_axes),
+            "mirror_mode": self.mirror_mode,
+            "tile_batch": tiles,
+            "device": self.device,
+            "autocast_dtype": self.autocast,
+        }
+
+    def _can_stream(self, data: np.ndarray, props: CaseProperties, members: list[Member]) -> bool:
+        """Labels only from one configuration of 3D members with one patch size: predicted band by band."""
+        configs = [m.configuration for m in members]
+        return (
+            len(self.members) == 1
+            and all(c.ndim == data.ndim - 1 and c.patch_size == configs[0].patch_size for c in configs)
+            and can_stream(props)
+        )
+
+    def _labels_streamed(self, data: np.ndarray, props: CaseProperties, members: list[Member]) -> np.ndarray:
+        """:meth:`_labels_class_by_class`'s labels, streamed along the first axis (:mod:`.streaming`)."""
+        regions = bool(self.plans.regions)
+
+        def bands(member: Member):
+            c = member.configuration
+            for first, logits in sliding_window_rows(
+                member.network, data, c.patch_size, self.plans.n_outputs, **self._window(c)
+            ):
+                yield first, _to_probabilities_(logits, regions=regions).numpy()
+
+        streams = mean_bands([bands(m) for m in members])
+        return labels_from_bands(streams, props, region_order=_region_order(self.plans), dtype=_label_dtype(self.plans))
 
     def predict(
         self, image: np.ndarray, geometry: Geometry, *, keep_probabilities: bool = False, uncertainty: bool = False
@@ -255,17 +291,21 @@ class Predictor:
         fill = [0.0] * k if self.plans.regions else [1.0] + [0.0] * (k - 1)
         means: list[tuple[np.ndarray, CaseProperties]] = []  # per configuration, in its preprocessed space
         member_maps: list[np.ndarray] = []
+        labels: np.ndarray | None = None
         for config, members in self.members.items():
             data, _, props = preprocess_case(image, None, geometry, self.plans, config)
-            mean, labels = self._config_probabilities(data, members)
+            if not (keep_probabilities or uncertainty) and self._can_stream(data, props, members):
+                labels = self._labels_streamed(data, props, members)
+                break
+            mean, member_labels = self._config_probabilities(data, members)
             means.append((mean, props))
             if uncertainty and sum(len(m) for m in self.members.values()) > 1:
-                member_maps += [revert(lab, props, is_label=True, order=0) for lab in labels]
+                member_maps += [revert(lab, props, is_label=True, order=0) for lab in member_labels]
         total: np.ndarray | None = None
         if keep_probabilities or uncertainty:
             total = _class_probabilities(means, list(range(k)), fill)
             labels = probabilities_to_labels(total, self.plans)
-        else:  # labels only: one class at a time at full resolution, never classes x the whole image
+        elif labels is None:  # labels only: one class at a time at full resolution, never classes x the whole image
             labels = self._labels_class_by_class(means, fill)
         if self.postprocessing is not None:
             labels = apply_postprocessing(labels, self.postprocessing, geometry.voxel_volume_mm3)
@@ -284,10 +324,9 @@ class Predictor:
         full-resolution probabilities at a time (a running arg-max, first class kept on ties as ``argmax`` does;
         regions painted in their order): memory of a few full-resolution maps whatever the number of classes."""
         k = self.plans.n_outputs
-        shape = means[0][1].geometry.shape_zyx
-        labels = np.zeros(shape, np.uint8 if self.plans.regions or k <= 256 else np.int16)
-        if self.plans.regions:
-            order = self.plans.region_class_order or tuple(range(1, len(self.plans.regions) + 1))
+        labels = np.zeros(means[0][1].geometry.shape_zyx, _label_dtype(self.plans))
+        order = _region_order(self.plans)
+        if order is not None:
             for channel, value in enumerate(order):
                 labels[_class_probabilities(means, [channel], fill)[0] > 0.5] = value
             return labels

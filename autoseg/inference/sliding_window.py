@@ -3,20 +3,22 @@
 The image is covered by overlapping tiles of the training patch size (``step`` 0.5: half a patch between tile
 starts). Each tile's logits are weighted by a Gaussian centred on the tile (sigma = patch / 8), so voxels near a
 tile's border, where the network sees little context, count less. Mirroring averages the predictions of flipped
-copies of each tile. Only the (K, Z, Y, X) accumulator and a weight map live at full resolution.
+copies of each tile. :func:`sliding_window_rows` streams the result along the first axis (a band of about one
+patch is held); :func:`sliding_window_logits` collects it into the (K, Z, Y, X) logits of the whole image.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from functools import lru_cache
+from typing import Any
 
 import numpy as np
 import torch
 
-__all__ = ["tile_starts", "gaussian_importance", "mirror_combinations", "sliding_window_logits"]
+__all__ = ["tile_starts", "gaussian_importance", "mirror_combinations", "sliding_window_logits", "sliding_window_rows"]
 
 
 def tile_starts(image_size: int, patch_size: int, step: float) -> list[int]:
@@ -66,13 +68,8 @@ def sliding_window_logits(
     patch_size: Sequence[int],
     n_outputs: int,
     *,
-    step: float = 0.5,
-    mirror_axes: Sequence[int] = (),
-    mirror_mode: str = "all",
-    tile_batch: int = 4,
-    device: torch.device | str = "cpu",
     accumulate_on: torch.device | str = "cpu",
-    autocast_dtype: torch.dtype | None = None,
+    **options: Any,
 ) -> torch.Tensor:
     """Predict a whole image tile by tile.
 
@@ -80,13 +77,50 @@ def sliding_window_logits(
     ----------
     predict : maps a (B, C, *patch_size) tensor on ``device`` to (B, n_outputs, *patch_size) logits.
     image : (C, *spatial) array; spatial dims must match ``len(patch_size)``. Smaller images are padded with 0.
-    mirror_axes : spatial axes (0-based, of the patch) that the network was trained with mirroring on.
-    tile_batch : tiles per forward pass.
-    autocast_dtype : e.g. torch.float16 on CUDA for half-precision inference.
+    options : ``step``, ``mirror_axes``, ``mirror_mode``, ``tile_batch``, ``device``, ``autocast_dtype`` of
+        :func:`sliding_window_rows`.
 
     Returns
     -------
     (n_outputs, *spatial) float32 tensor of Gaussian-weighted mean logits, on ``accumulate_on``.
+    """
+    spatial = tuple(image.shape[1:])
+    logits = torch.zeros((n_outputs, *spatial), dtype=torch.float32, device=accumulate_on)
+    for first, rows in sliding_window_rows(
+        predict, image, patch_size, n_outputs, accumulate_on=accumulate_on, **options
+    ):
+        logits[:, first : first + rows.shape[1]] = rows
+    return logits
+
+
+def _shift_rows(buffer: torch.Tensor, n: int, live: int) -> None:
+    """Move rows ``[n, n + live)`` of ``buffer`` (axis 1) to the front, in non-overlapping steps, and zero the rest."""
+    for s in range(0, live, n):
+        m = min(n, live - s)
+        buffer[:, s : s + m].copy_(buffer[:, s + n : s + n + m])
+    buffer[:, live:].zero_()
+
+
+def sliding_window_rows(
+    predict: Callable[[torch.Tensor], torch.Tensor],
+    image: np.ndarray | torch.Tensor,
+    patch_size: Sequence[int],
+    n_outputs: int,
+    *,
+    step: float = 0.5,
+    mirror_axes: Sequence[int] = (),
+    mirror_mode: str = "all",
+    tile_batch: int = 4,
+    device: torch.device | str = "cpu",
+    accumulate_on: torch.device | str = "cpu",
+    autocast_dtype: torch.dtype | None = None,
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """:func:`sliding_window_logits` streamed along the first spatial axis: yields ``(first_row, logits)``, the
+    finished rows ``(n_outputs, rows, ...)`` in order, as soon as no later tile touches them.
+
+    Only a band of rows as deep as the tiles in flight (about one patch) is held, so memory does not grow with the
+    length of that axis. Tiles are batched and summed exactly as for the whole image: the same numbers come out.
+    ``autocast_dtype`` is e.g. torch.float16 on CUDA for half-precision inference.
     """
     x = torch.as_tensor(image, dtype=torch.float32)
     spatial = tuple(x.shape[1:])
@@ -100,17 +134,22 @@ def sliding_window_logits(
             pads += [p // 2, p - p // 2]
         x = torch.nn.functional.pad(x, pads)
     padded = tuple(x.shape[1:])
+    crop = tuple(slice(p // 2, p // 2 + s) for p, s in zip(pad, spatial))
     weight = torch.from_numpy(gaussian_importance(patch)).to(accumulate_on)
-    logits = torch.zeros((n_outputs, *padded), dtype=torch.float32, device=accumulate_on)
-    weights = torch.zeros(padded, dtype=torch.float32, device=accumulate_on)
     starts = list(itertools.product(*[tile_starts(s, p, step) for s, p in zip(padded, patch)]))
+    chunks = [starts[i : i + tile_batch] for i in range(0, len(starts), tile_batch)]
+    # row k of the band is padded row base + k; finished rows: those before the next chunk's first tile
+    finished = [c[0][0] for c in chunks[1:]] + [padded[0]]
+    depth = max(max(s[0] for s in c) + patch[0] - low for c, low in zip(chunks, [0] + finished[:-1]))
+    logits = torch.zeros((n_outputs, depth, *padded[1:]), dtype=torch.float32, device=accumulate_on)
+    weights = torch.zeros((depth, *padded[1:]), dtype=torch.float32, device=accumulate_on)
     flips = mirror_combinations(mirror_axes, mirror_mode)
-    with torch.inference_mode():
-        for i in range(0, len(starts), tile_batch):
-            chunk = starts[i : i + tile_batch]
+    base = 0
+    for chunk, done in zip(chunks, finished):
+        with torch.inference_mode():  # per chunk: a generator must not hold the mode across yields
             slices = [tuple(slice(s, s + p) for s, p in zip(st, patch)) for st in chunk]
             batch = torch.stack([x[(slice(None), *sl)] for sl in slices]).to(device)
-            out = None
+            summed: torch.Tensor | None = None
             for flip in flips:
                 dims = [a + 2 for a in flip]
                 inp = torch.flip(batch, dims) if dims else batch
@@ -119,13 +158,21 @@ def sliding_window_logits(
                     pred = predict(inp)
                 pred = pred.float()
                 pred = torch.flip(pred, dims) if dims else pred
-                out = pred if out is None else out + pred
-            out = (out / len(flips)).to(accumulate_on)
+                summed = pred if summed is None else summed + pred
+            assert summed is not None  # flips holds at least the unflipped pass
+            out = (summed / len(flips)).to(accumulate_on)
             for k, sl in enumerate(slices):
-                logits[(slice(None), *sl)] += out[k] * weight
-                weights[sl] += weight
-    logits /= weights
-    if any(pad):
-        crop = tuple(slice(p // 2, p // 2 + s) for p, s in zip(pad, spatial))
-        logits = logits[(slice(None), *crop)]
-    return logits
+                band = (slice(sl[0].start - base, sl[0].stop - base), *sl[1:])
+                logits[(slice(None), *band)] += out[k] * weight
+                weights[band] += weight
+        if done == base:
+            continue
+        n = done - base
+        rows = logits[:, :n] / weights[:n]
+        lo, hi = max(base, crop[0].start), min(done, crop[0].stop)  # the padding is not returned
+        if hi > lo:
+            yield lo - crop[0].start, rows[(slice(None), slice(lo - base, hi - base), *crop[1:])]
+        live = max(0, max(s[0] for s in chunk) + patch[0] - done)
+        _shift_rows(logits, n, live)
+        _shift_rows(weights[None], n, live)
+        base = done

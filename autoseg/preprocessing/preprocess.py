@@ -59,6 +59,7 @@ __all__ = [
     "preprocess_case",
     "preprocess",
     "revert",
+    "probability_orders",
     "estimate_case_bytes",
     "auto_workers",
 ]
@@ -195,6 +196,14 @@ def preprocess_case(
     return data, seg, props
 
 
+def probability_orders(properties: CaseProperties) -> tuple[tuple[int, ...], int | None]:
+    """Interpolation order per axis and the separately resampled axis with which :func:`revert` maps
+    probabilities back to the original grid."""
+    spec = properties.resampling
+    separate = lowres_axis(properties.spacing, properties.original_spacing, spec.anisotropy_threshold)
+    return axis_orders(3, 1, spec.order_z, separate), separate
+
+
 def revert(
     array: np.ndarray,
     properties: CaseProperties,
@@ -250,13 +259,16 @@ def revert(
         )
         return label
     orders = axis_orders(3, 1 if order is None else order, spec.order_z, separate)
+    clip = max(orders) > 1  # a linear interpolation stays within its inputs: only spline overshoot needs clipping
     out = np.zeros((array.shape[0], *p.geometry.shape_zyx), np.float32)
     view = transpose_spatial(out, p.transpose_forward)
     for c, value in enumerate([1.0] + [0.0] * (array.shape[0] - 1) if fill is None else fill):
         if value:
             view[c] = value  # outside the crop box
     for c in range(array.shape[0]):
-        view[c][box] = resample_image(array[c : c + 1], p.shape_after_crop, orders=orders, separate=separate)[0]
+        view[c][box] = resample_image(
+            array[c : c + 1], p.shape_after_crop, orders=orders, separate=separate, clip=clip
+        )[0]
     return out
 
 

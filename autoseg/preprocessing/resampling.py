@@ -30,6 +30,7 @@ __all__ = [
     "resample_axes",
     "resample_image",
     "resample_label",
+    "RowResampler",
 ]
 
 #: Edge padding added before the spline prefilter along a resampled axis (as scipy.ndimage does for mode 'nearest').
@@ -235,6 +236,56 @@ def resample_image(
             np.clip(vol, channel.min(), channel.max(), out=vol)
         out[c] = vol
     return out
+
+
+class RowResampler:
+    """:func:`resample_image` of one (Z, Y, X) channel (orders <= 1, ``clip=False``) computed a band of rows at a
+    time along axis 0, with the same result: output rows come out as soon as the input rows they interpolate from
+    are in, so a volume that arrives in bands (streamed prediction) never exists whole.
+
+    The passes run in :func:`resample_image`'s order; the axis-0 pass applies the rows of its weight matrix that the
+    band needs (the same weights, summed in the same order), the other passes act row by row.
+    """
+
+    def __init__(self, shape: Sequence[int], new_shape: Sequence[int], orders: Sequence[int], separate: int | None):
+        if max(orders) > 1:
+            raise ValueError(f"row-wise resampling needs interpolation orders <= 1 (no prefilter); got {tuple(orders)}")
+        self.shape, self.new_shape = tuple(int(n) for n in shape), tuple(int(n) for n in new_shape)
+        self.orders = tuple(int(o) for o in orders)
+        in_plane = [a for a in range(len(self.shape)) if a != separate]
+        self.passes = _pass_order(self.shape, self.new_shape, in_plane) + ([separate] if separate is not None else [])
+        self.rows0: sparse.csr_matrix | None = None
+        last = np.arange(self.shape[0])  # the last input row each output row reads (identity when not resized)
+        if self.shape[0] != self.new_shape[0]:
+            self.rows0 = _weights(self.shape[0], self.new_shape[0], self.orders[0])
+            m = self.rows0
+            last = np.array([m.indices[m.indptr[o] : m.indptr[o + 1]].max() for o in range(m.shape[0])])
+            first = np.array([m.indices[m.indptr[o] : m.indptr[o + 1]].min() for o in range(m.shape[0])])
+            self._first = first
+        else:
+            self._first = last
+        self._last = np.maximum.accumulate(last)
+
+    def ready(self, rows_in: int) -> int:
+        """How many output rows can be computed once input rows ``[0, rows_in)`` are in."""
+        return int(np.searchsorted(self._last, rows_in, side="left"))
+
+    def first_input(self, out_row: int) -> int:
+        """The first input row that output rows ``out_row`` and later read: earlier input rows can be dropped."""
+        return int(self._first[out_row:].min()) if out_row < len(self._first) else self.shape[0]
+
+    def rows(self, band: np.ndarray, band_start: int, start: int, stop: int) -> np.ndarray:
+        """Output rows ``[start, stop)`` from ``band``, input rows ``[band_start, band_start + len(band))``."""
+        vol = np.asarray(band, dtype=np.float32)
+        if self.rows0 is None:  # axis 0 keeps its size: output row o is input row o
+            vol = vol[start - band_start : stop - band_start]
+        for axis in self.passes:
+            if axis != 0:
+                vol = _resample_axis(vol, axis, self.new_shape[axis], self.orders[axis])
+            elif self.rows0 is not None:
+                window = self.rows0[start:stop, band_start : band_start + vol.shape[0]]
+                vol = _apply_rows(np.ascontiguousarray(vol), window, 0)
+        return np.ascontiguousarray(vol, dtype=np.float32)
 
 
 def _nearest(label: np.ndarray, new_shape: Sequence[int], axes: Sequence[int]) -> np.ndarray:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -12,6 +14,7 @@ from autoseg.inference.sliding_window import (
     gaussian_importance,
     mirror_combinations,
     sliding_window_logits,
+    sliding_window_rows,
     tile_starts,
 )
 
@@ -61,3 +64,42 @@ def test_mirroring_averages_flipped_predictions():
     image = np.zeros((1, 4, 6), np.float32)
     out = sliding_window_logits(position_model, image, (4, 6), 1, mirror_axes=(1,))
     torch.testing.assert_close(out[0], torch.full((4, 6), 2.5))
+
+
+def _whole_image_reference(predict, image, patch, n_outputs, step, tile_batch):
+    """The accumulation over the whole (padded) image that streaming must reproduce bit for bit."""
+    x = torch.as_tensor(image)
+    spatial = x.shape[1:]
+    pad = [max(0, p - s) for p, s in zip(patch, spatial)]
+    pads = [v for p in reversed(pad) for v in (p // 2, p - p // 2)]
+    x = torch.nn.functional.pad(x, pads)
+    weight = torch.from_numpy(gaussian_importance(patch))
+    logits = torch.zeros((n_outputs, *x.shape[1:]))
+    weights = torch.zeros(x.shape[1:])
+    starts = list(itertools.product(*[tile_starts(s, p, step) for s, p in zip(x.shape[1:], patch)]))
+    for i in range(0, len(starts), tile_batch):
+        slices = [tuple(slice(s, s + p) for s, p in zip(st, patch)) for st in starts[i : i + tile_batch]]
+        out = predict(torch.stack([x[(slice(None), *sl)] for sl in slices]))
+        for k, sl in enumerate(slices):
+            logits[(slice(None), *sl)] += out[k] * weight
+            weights[sl] += weight
+    logits /= weights
+    return logits[(slice(None), *(slice(p // 2, p // 2 + s) for p, s in zip(pad, spatial)))]
+
+
+@pytest.mark.parametrize(
+    "shape,patch,tile_batch",
+    [((23, 9, 10), (6, 8, 8), 1), ((23, 9, 10), (6, 8, 8), 5), ((4, 30, 7), (6, 8, 8), 2), ((40, 12), (8, 8), 64)],
+)
+def test_streamed_rows_equal_the_whole_image_exactly(shape, patch, tile_batch):
+    torch.manual_seed(0)
+    net = torch.nn.Conv3d(2, 5, 3, padding=1) if len(shape) == 3 else torch.nn.Conv2d(2, 5, 3, padding=1)
+    image = np.random.default_rng(1).normal(size=(2, *shape)).astype(np.float32)
+    expected = _whole_image_reference(net, image, patch, 5, 0.5, tile_batch)
+    rows = list(sliding_window_rows(net, image, patch, 5, tile_batch=tile_batch))
+    ends = np.cumsum([r.shape[1] for _, r in rows])
+    assert [first for first, _ in rows] == [0, *ends[:-1]]  # consecutive bands, in order
+    assert len(rows) > 1 or tile_batch == 64 or shape[0] <= patch[0]  # streamed, unless one chunk holds every tile
+    got = torch.cat([r for _, r in rows], dim=1)
+    assert torch.equal(got, expected)
+    assert torch.equal(sliding_window_logits(net, image, patch, 5, tile_batch=tile_batch), expected)

@@ -10,6 +10,7 @@ from scipy import ndimage
 from skimage.transform import resize
 
 from autoseg.preprocessing.resampling import (
+    RowResampler,
     axis_orders,
     compute_new_shape,
     lowres_axis,
@@ -142,3 +143,27 @@ def test_lowres_axis_follows_nnunet_rule(spacing, target, expected) -> None:
 def test_compute_new_shape_rounds_and_keeps_at_least_one_voxel() -> None:
     assert compute_new_shape((7, 11, 13), (3.0, 0.7, 0.8), (3.0, 1.4, 0.5)) == (7, 6, 21)
     assert compute_new_shape((1, 11, 13), (1.0, 1.0, 1.0), (5.0, 1.0, 1.0)) == (1, 11, 13)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    shape=st.tuples(st.integers(1, 12), st.integers(1, 9), st.integers(1, 9)),
+    new=st.tuples(st.integers(1, 15), st.integers(1, 11), st.integers(1, 11)),
+    orders=st.tuples(st.integers(0, 1), st.integers(0, 1), st.integers(0, 1)),
+    separate=st.sampled_from([None, 0, 1, 2]),
+    band=st.integers(1, 5),
+)
+def test_row_resampler_streams_resample_image_exactly(shape, new, orders, separate, band):
+    """Fed a band of input rows at a time, it gives resample_image's rows, bit for bit (orders <= 1, no clip)."""
+    volume = np.random.default_rng(0).random(shape, dtype=np.float32)
+    expected = resample_image(volume[None], new, orders=orders, separate=separate, clip=False)[0]
+    rows = RowResampler(shape, new, orders, separate)
+    got, start, done = [], 0, 0
+    for stop in [*range(band, shape[0], band), shape[0]]:
+        ready = rows.ready(stop)
+        if ready > done:
+            got.append(rows.rows(volume[start:stop], start, done, ready))
+            done = ready
+            start = min(rows.first_input(done), stop)
+    assert done == new[0]
+    np.testing.assert_array_equal(np.concatenate(got), expected)
