@@ -288,10 +288,43 @@ def budget_split(d: Data) -> Iterator[Cells]:
             yield what, cells["one_model"], cells["cross_validation"], comp, cond
 
 
+def bounded_memory(d: Data) -> Iterator[Cells]:
+    """``bounded_memory.json`` of benchmarks/bounded_memory.py: labels-only prediction with a 117-class network;
+    one row per run and volume."""
+    for started, e in d["runs"]["cpu"].items():
+        c = e["conditions"]
+        by_volume: dict[str, dict[str, Data]] = {}
+        for r in e["rows"]:
+            by_volume.setdefault(r["volume"], {})[r["tool"]] = r
+
+        def cell(r: Data | None, limit: float = c["nnunet_ulimit_v_gb"]) -> str:
+            if r is None:
+                return "not run at this size"
+            if not r["ok"]:
+                return f"failed ({r['error']}) under ulimit -v {limit:g} GB"
+            return f"peak {r['peak_rss_gib']:.2f} GiB, {r['wall_s']:.0f} s"
+
+        for volume, tools in by_volume.items():
+            ours, theirs = tools.get("autoseg"), tools.get("nnU-Net v2")
+            comp = "-"
+            if ours and theirs and ours["ok"] and theirs["ok"]:
+                comp = f"{theirs['peak_rss_gib'] / ours['peak_rss_gib']:.2f}x less RAM"
+                equal = e["labels_equal"].get(volume.split("x")[-1])
+                comp += f"; labels equal on {equal:.1%} of voxels" if equal is not None else ""
+            elif ours and ours["ok"] and theirs and not theirs["ok"]:
+                comp = f"nnU-Net cannot hold it in {c['nnunet_ulimit_v_gb']:g} GB"
+            cond = (
+                f"{c['classes']} classes, patch {c['patch']}, network {c['network_spacing_mm']} mm, image "
+                f"{c['image_spacing_mm']} mm; mirroring {c['mirroring']}, {c['precision']}; nnU-Net "
+                f"{c['nnunet_flags']}; peak RSS of the process tree; one run each; {started}"
+            )
+            yield f"labels-only prediction, 117 classes, {volume} CT-like", cell(ours), cell(theirs), comp, cond
+
+
 #: Row builders in table order; each reads the files ``<its name>*.json``.
 BUILDERS: tuple[Callable[[Data], Iterator[Cells]], ...] = (
     fingerprint, preprocess, dataloader, train_step, inference, train_cpu_plan, precision, end_to_end, real,
-    memory_model, search, fold_compare, budget_split,
+    memory_model, search, fold_compare, budget_split, bounded_memory,
 )  # fmt: skip
 
 
