@@ -93,6 +93,10 @@ def sliding_window_logits(
     return logits
 
 
+#: Finished rows handed out per step by :func:`sliding_window_rows`.
+YIELD_ROWS = 8
+
+
 def _shift_rows(buffer: torch.Tensor, n: int, live: int) -> None:
     """Move rows ``[n, n + live)`` of ``buffer`` (axis 1) to the front, in non-overlapping steps, and zero the rest."""
     for s in range(0, live, n):
@@ -168,10 +172,11 @@ def sliding_window_rows(
         if done == base:
             continue
         n = done - base
-        rows = logits[:, :n] / weights[:n]
         lo, hi = max(base, crop[0].start), min(done, crop[0].stop)  # the padding is not returned
-        if hi > lo:
-            yield lo - crop[0].start, rows[(slice(None), slice(lo - base, hi - base), *crop[1:])]
+        for a in range(lo, hi, YIELD_ROWS):  # a few rows at a time: what the caller makes of them stays small
+            b = min(a + YIELD_ROWS, hi)
+            rows = logits[:, a - base : b - base] / weights[a - base : b - base]
+            yield a - crop[0].start, rows[(slice(None), slice(None), *crop[1:])]
         live = max(0, max(s[0] for s in chunk) + patch[0] - done)
         _shift_rows(logits, n, live)
         _shift_rows(weights[None], n, live)
