@@ -164,10 +164,10 @@ def sliding_window_rows(
                 pred = torch.flip(pred, dims) if dims else pred
                 summed = pred if summed is None else summed + pred
             assert summed is not None  # flips holds at least the unflipped pass
-            out = (summed / len(flips)).to(accumulate_on)
+            out = summed.div_(len(flips)).to(accumulate_on)  # in place: no second copy of the tiles' outputs
             for k, sl in enumerate(slices):
                 band = (slice(sl[0].start - base, sl[0].stop - base), *sl[1:])
-                logits[(slice(None), *band)] += out[k] * weight
+                logits[(slice(None), *band)].addcmul_(out[k], weight)  # no temporary of classes x patch
                 weights[band] += weight
         if done == base:
             continue

@@ -81,7 +81,7 @@ def _whole_image_reference(predict, image, patch, n_outputs, step, tile_batch):
         slices = [tuple(slice(s, s + p) for s, p in zip(st, patch)) for st in starts[i : i + tile_batch]]
         out = predict(torch.stack([x[(slice(None), *sl)] for sl in slices]))
         for k, sl in enumerate(slices):
-            logits[(slice(None), *sl)] += out[k] * weight
+            logits[(slice(None), *sl)].addcmul_(out[k], weight)
             weights[sl] += weight
     logits /= weights
     return logits[(slice(None), *(slice(p // 2, p // 2 + s) for p, s in zip(pad, spatial)))]
