@@ -48,6 +48,7 @@ AUDIT: dict[str, tuple[str, str | None, str]] = {
     "real_isbi_em.json": ("2026-12-07T09:49:13", None, ""),
     "real_hippocampus.json": ("2026-12-07T12:52:09", None, ""),
     "budget_split_hippocampus.json": ("2026-12-07T11:44:28", None, ""),
+    "real_dsb2018.json": ("2026-12-07T15:31:19", None, ""),
     "bounded_memory.json": ("2026-12-07T16:23:48", None, ""),
 }
 Data = dict[str, Any]
