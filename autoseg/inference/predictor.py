@@ -24,7 +24,7 @@ from autoseg.errors import ConfigError, InferenceError
 from autoseg.inference.postprocessing import PostprocessingSpec, apply_postprocessing
 from autoseg.inference.selection import load_selection
 from autoseg.inference.sliding_window import sliding_window_logits, sliding_window_rows
-from autoseg.inference.streaming import can_stream, labels_from_bands, mean_bands
+from autoseg.inference.streaming import can_stream, labels_from_bands, mean_bands, paint_labels
 from autoseg.networks.builder import build_network
 from autoseg.planning.plans import Configuration, Plans, load_plans
 from autoseg.preprocessing.preprocess import preprocess_case, revert
@@ -323,19 +323,13 @@ class Predictor:
         """The labels :func:`probabilities_to_labels` gives for the whole probability map, computed from one class's
         full-resolution probabilities at a time (a running arg-max, first class kept on ties as ``argmax`` does;
         regions painted in their order): memory of a few full-resolution maps whatever the number of classes."""
-        k = self.plans.n_outputs
         labels = np.zeros(means[0][1].geometry.shape_zyx, _label_dtype(self.plans))
-        order = _region_order(self.plans)
-        if order is not None:
-            for channel, value in enumerate(order):
-                labels[_class_probabilities(means, [channel], fill)[0] > 0.5] = value
-            return labels
-        best = _class_probabilities(means, [0], fill)[0]
-        for channel in range(1, k):
-            p = _class_probabilities(means, [channel], fill)[0]
-            better = p > best
-            labels[better] = channel
-            np.maximum(best, p, out=best)
+        paint_labels(
+            labels,
+            lambda c: _class_probabilities(means, [c], fill)[0],
+            self.plans.n_outputs,
+            _region_order(self.plans),
+        )
         return labels
 
 

@@ -11,7 +11,7 @@ plus a few rows per class, whatever the length of the image; the labels equal th
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -20,7 +20,7 @@ from autoseg.preprocessing.preprocess import probability_orders
 from autoseg.preprocessing.resampling import RowResampler
 from autoseg.preprocessing.store import CaseProperties
 
-__all__ = ["can_stream", "mean_bands", "labels_from_bands"]
+__all__ = ["can_stream", "mean_bands", "paint_labels", "labels_from_bands"]
 
 
 def can_stream(properties: CaseProperties) -> bool:
@@ -41,6 +41,25 @@ def mean_bands(streams: list[Iterator[tuple[int, np.ndarray]]]) -> Iterator[tupl
             mean += probs
         mean /= len(parts)
         yield first, mean
+
+
+def paint_labels(
+    labels: np.ndarray,
+    probability: Callable[[int], np.ndarray],
+    n_outputs: int,
+    region_order: tuple[int, ...] | None,
+) -> None:
+    """Write into ``labels`` the arg-max over ``probability(channel)`` maps, computed one at a time (a running
+    maximum; the first class kept on ties, as ``argmax``), or paint the regions in ``region_order`` (> 0.5)."""
+    if region_order is not None:
+        for channel, value in enumerate(region_order):
+            labels[probability(channel) > 0.5] = value
+        return
+    best = probability(0)
+    for channel in range(1, n_outputs):
+        prob = probability(channel)
+        labels[prob > best] = channel
+        np.maximum(best, prob, out=best)
 
 
 def labels_from_bands(
@@ -68,16 +87,11 @@ def labels_from_bands(
         ready = rows.ready(received)
         if ready == done:
             continue
-        segment = view[done:ready]
-        if region_order is not None:
-            for channel, value in enumerate(region_order):
-                segment[rows.rows(buffer[channel], start, done, ready) > 0.5] = value
-        else:
-            best = rows.rows(buffer[0], start, done, ready)
-            for channel in range(1, buffer.shape[0]):
-                prob = rows.rows(buffer[channel], start, done, ready)
-                segment[prob > best] = channel
-                np.maximum(best, prob, out=best)
+
+        def class_rows(c: int, band: np.ndarray = buffer, a: int = start, o0: int = done, o1: int = ready):
+            return rows.rows(band[c], a, o0, o1)
+
+        paint_labels(view[done:ready], class_rows, buffer.shape[0], region_order)
         done = ready
         keep = min(rows.first_input(done), received)  # an output row may skip input rows not received yet
         buffer, start = buffer[:, keep - start :], keep
