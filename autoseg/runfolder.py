@@ -11,6 +11,8 @@ Layout (every path in the package comes from :class:`RunFolder`)::
     RUN/selection.json            autoseg select
     RUN/references/               links to the training labels under the names predictions get
     RUN/search/                   autoseg search: study and trial folders
+    RUN/analysis/                 autoseg analyze: *.json summaries and *.png figures
+    RUN/report.html               autoseg report (written by autoseg run at the end)
 
 A model bundle (``autoseg export``) unpacks to a run folder with plans.json, selection.json, the exported folds'
 weights, ``training_data.json`` (the fingerprint's dataset-level summary) and ``manifest.json``.
@@ -71,12 +73,21 @@ class RunFolder:
         return self.root / "selection.json"
 
     @property
+    def report(self) -> Path:
+        return self.root / "report.html"
+
+    @property
     def references(self) -> Path:
         return self.root / "references"
 
     @property
     def search(self) -> Path:
         return self.root / "search"
+
+    @property
+    def analysis(self) -> Path:
+        """``analysis/``: ``autoseg analyze``'s results (``*.json`` summaries and ``*.png`` figures)."""
+        return self.root / "analysis"
 
     @property
     def preprocessed_root(self) -> Path:
