@@ -198,6 +198,14 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from autoseg.export.report import write_report
+
+    out = write_report(args.run, args.output)
+    print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MB, self-contained: open it in any browser)")
+    return 0
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from autoseg.evaluation.evaluate import evaluate_folders
 
@@ -447,6 +455,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", type=Path, required=True, help="bundle file to write, e.g. MODEL.autoseg")
     p.add_argument("--configs", nargs="+", default=None, help="configurations (default: the selected ensemble)")
     p.add_argument("--folds", nargs="+", default=None, help="folds (default: every trained fold)")
+
+    p = add("report", _cmd_report, "write one self-contained HTML page about a run (RUN/report.html)")
+    p.add_argument("run", type=Path, help="run folder")
+    p.add_argument("-o", "--output", type=Path, default=None, help="HTML file to write (default: RUN/report.html)")
 
     p = add("evaluate", _cmd_evaluate, "metrics of predicted label files against reference label files")
     p.add_argument("pred", type=Path, help="folder of predictions")

@@ -2,7 +2,8 @@
 
 fingerprint (skipped when the inputs are unchanged) -> plan (an existing plans.json is kept, so hand edits and
 search results survive) -> preprocess (finished cases skipped) -> [search] -> train every configuration x fold
-(finished folds skipped, interrupted ones resumed) -> select. Kill it anywhere; running it again resumes.
+(finished folds skipped, interrupted ones resumed) -> select -> ``RUN/report.html``. Kill it anywhere; running it
+again resumes.
 """
 
 from __future__ import annotations
@@ -177,7 +178,7 @@ def run_pipeline(
     cross_validation: bool | None = None,
     progress: Progress | None = None,
 ):
-    """Run every stage up to ``select``; returns the Selection."""
+    """Run every stage up to ``select`` and write the report; returns the Selection (None when nothing is selected)."""
     from autoseg.inference.select import select
 
     data_dir, run_dir = Path(data_dir), Path(run_dir)
@@ -235,10 +236,22 @@ def run_pipeline(
         options=TrainOptions(device=device),
         progress=progress("train (jobs)") if progress else None,
     )
+    selection = None
     if not plans.cross_validation and folds in ("cv", ["cv"]):
         log.warning("the plan trains one model on all cases (small time budget): no cross-validation to select from")
-        return None
-    if folds not in ("cv", ["cv"]):
+    elif folds not in ("cv", ["cv"]):
         log.info("only folds %s trained: selection needs all cross-validation folds; skipped", list(folds))
-        return None
-    return select(run_dir, configurations=names)
+    else:
+        selection = select(run_dir, configurations=names)
+    _write_report(run_dir)
+    return selection
+
+
+def _write_report(run_dir: Path) -> None:
+    """``RUN/report.html``; a failure is logged, not raised: the trained models and the selection stand without it."""
+    from autoseg.export.report import write_report
+
+    try:
+        log.info("report written to %s", write_report(run_dir))
+    except Exception as exc:  # the report reads every artifact; none of its faults may fail a finished run
+        log.warning("the report could not be written (%s); retry with `autoseg report %s`", exc, run_dir)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from autoseg.errors import ConfigError
 from autoseg.export.report.collect import ReportData, collect_report_data
 from autoseg.export.report.render import SECTIONS, render_report
 from autoseg.files import write_text_atomic
@@ -23,6 +24,8 @@ def write_report(run_dir: Path | str, out: Path | str | None = None) -> Path:
     Every section renders from whatever the run folder holds: a run without cross-validation yet gets a page that
     says so in those sections.
     """
+    if not Path(run_dir).is_dir():
+        raise ConfigError(f"{run_dir}: no such run folder; give the folder `autoseg run DATA -o RUN` wrote")
     path = Path(out) if out is not None else RunFolder(run_dir).report
     write_text_atomic(path, render_report(collect_report_data(run_dir)))
     return path
