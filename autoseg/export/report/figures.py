@@ -128,7 +128,7 @@ def cross_validation_png(results: Sequence[CrossValidation], names: Mapping[str,
                 )
     ax.set_xticks(range(len(keys)), [names.get(k, k) for k in keys])
     ax.set(ylabel="Dice (out of fold)", ylim=(-0.02, 1.02), title="cross-validation Dice per case and class")
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper right")
     fig.tight_layout()
     return _png(fig)
 
