@@ -300,6 +300,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
         _print_selection(selection)
     else:
         print(f"trained; predict with: autoseg predict -m {args.output} -i IMAGES -o OUT")
+    from autoseg.runfolder import RunFolder
+
+    if RunFolder(args.output).report.is_file():
+        print(f"report: {RunFolder(args.output).report}")
     return 0
 
 

@@ -157,7 +157,7 @@ def test_a_budget_for_one_model_trains_it_on_all_cases(tmp_path, capsys):
     plans.save(run / "plans.json")
     assert main(["run", str(data), "-o", str(run), "--device", "cpu", "-j", "1"]) == 0  # nothing to select from
     shown = capsys.readouterr()
-    assert "trained; predict with" in shown.out
+    assert "trained; predict with" in shown.out and f"report: {run / 'report.html'}" in shown.out
     for stage in ("preprocess", "train (jobs)"):  # a progress bar per stage (the fingerprint was made above)
         assert f"{stage}: 100%" in shown.err, shown.err[-2000:]
     assert (run / "models" / "3d_fullres" / "fold_all" / "checkpoint_final.pt").is_file()
