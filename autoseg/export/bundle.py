@@ -91,6 +91,10 @@ def export_bundle(
     if unknown or not names:
         raise ConfigError(f"{run.root}: configuration(s) {unknown or names} not trained in this run")
     members = _members(run, names, folds)
+    for config in names:  # a cascade stage predicts with its previous stage's folds first: they travel with it
+        previous = plans.configurations[config].previous_stage
+        if previous and previous not in members:
+            members |= _members(run, [previous], None)
     if selection is not None and tuple(names) == tuple(selection.configurations):
         chosen = selection
     else:  # another ensemble than the selected one: no postprocessing was decided for it

@@ -31,6 +31,7 @@ from autoseg.preprocessing.preprocess import preprocess_case, revert
 from autoseg.preprocessing.store import CaseProperties
 from autoseg.runfolder import RunFolder, fold_dir
 from autoseg.serialization import from_jsonable
+from autoseg.training.cascade import one_hot
 from autoseg.training.checkpoint import config_from_checkpoint, load_checkpoint
 
 __all__ = [
@@ -185,6 +186,23 @@ class Predictor:
             if not use:
                 raise InferenceError(f"{self.run_dir}/models/{config}: no fold with checkpoint_{checkpoint}.pt")
             self.members[config] = [self._load(config, f, checkpoint) for f in use]
+        # a cascade stage's input includes its previous stage's prediction: an ensemble of that stage's folds
+        self.previous: dict[str, Predictor] = {}
+        for config in self.members:
+            stage = self.plans.configurations[config].previous_stage
+            if stage:
+                self.previous[config] = Predictor(
+                    self.run_dir,
+                    configs=[stage],
+                    device=device,
+                    mirror_mode=mirror_mode,
+                    step=step,
+                    checkpoint=checkpoint,
+                    tile_batch=tile_batch,
+                    postprocessing=None,
+                    plans=self.plans,
+                    precision=precision,
+                )
         self.tile_batch = tile_batch
         n = sum(len(m) for m in self.members.values())
         dtype = str(self.autocast or torch.float32).removeprefix("torch.")
@@ -203,7 +221,7 @@ class Predictor:
             raise InferenceError(f"{path}: checkpoint missing; train fold {fold} of {config} first")
         state = load_checkpoint(path)
         c = member_configuration(state, self.plans, config, path)
-        network = build_network(c.network, len(self.plans.channels), self.plans.n_outputs)
+        network = build_network(c.network, self.plans.input_channels(c), self.plans.n_outputs)
         try:
             network.load_state_dict(state["network"])
         except RuntimeError as exc:
@@ -278,10 +296,34 @@ class Predictor:
         streams = mean_bands([bands(m) for m in members])
         return labels_from_bands(streams, props, region_order=_region_order(self.plans), dtype=_label_dtype(self.plans))
 
+    def _inputs(
+        self, image: np.ndarray, geometry: Geometry, config: str, previous: np.ndarray | None
+    ) -> tuple[np.ndarray, CaseProperties]:
+        """The network input of ``config`` for a case: preprocessed image channels, and for a cascade stage the previous
+        stage's labels (``previous`` on the original grid, else predicted here) one-hot on the same grid."""
+        if config not in self.previous:
+            data, _, props = preprocess_case(image, None, geometry, self.plans, config)
+            return data, props
+        if previous is None:
+            previous = self.previous[config].predict(image, geometry).labels
+        data, grid, props = preprocess_case(image, previous, geometry, self.plans, config)
+        assert grid is not None
+        return np.concatenate([data, one_hot(grid[0], self.plans.foreground_values)]), props
+
     def predict(
-        self, image: np.ndarray, geometry: Geometry, *, keep_probabilities: bool = False, uncertainty: bool = False
+        self,
+        image: np.ndarray,
+        geometry: Geometry,
+        *,
+        keep_probabilities: bool = False,
+        uncertainty: bool = False,
+        previous_stage: np.ndarray | None = None,
     ) -> Prediction:
-        """Predict one case given as read: image (C, Z, Y, X) and its geometry."""
+        """Predict one case given as read: image (C, Z, Y, X) and its geometry.
+
+        ``previous_stage``: for a cascade stage, the previous stage's labels on the original grid (the out-of-fold
+        prediction when validating); by default the previous stage's folds predict them.
+        """
         if image.shape[0] != len(self.plans.channels):
             raise InferenceError(
                 f"image has {image.shape[0]} channel(s); the model expects "
@@ -293,7 +335,7 @@ class Predictor:
         member_maps: list[np.ndarray] = []
         labels: np.ndarray | None = None
         for config, members in self.members.items():
-            data, _, props = preprocess_case(image, None, geometry, self.plans, config)
+            data, props = self._inputs(image, geometry, config, previous_stage)
             if not (keep_probabilities or uncertainty) and self._can_stream(data, props, members):
                 labels = self._labels_streamed(data, props, members)
                 break

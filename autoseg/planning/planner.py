@@ -32,7 +32,7 @@ from autoseg.planning.plans import (
 )
 from autoseg.runfolder import RunFolder
 
-__all__ = ["PRESETS", "make_plans", "plan_run"]
+__all__ = ["PRESETS", "cascade_stage", "make_plans", "plan_run"]
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +110,22 @@ def _lowres(fp, spacing, median, n_cases, budget, base, fullres: Configuration) 
     return None if low is None else low.planned.with_reason(low.need.why, low.worth.why)
 
 
+def cascade_stage(fullres: Configuration) -> Configuration:
+    """The cascade's second stage: ``3d_fullres`` (same data, network, patch and schedule) taking the low-resolution
+    stage's prediction, one-hot, as extra input channels."""
+    return dataclasses.replace(
+        fullres,
+        name="3d_cascade_fullres",
+        previous_stage="3d_lowres",
+        inherits_from="3d_fullres",
+        data_identifier=fullres.data_identifier or fullres.name,
+    ).with_reason(
+        "3d_cascade_fullres: planned with 3d_lowres; full resolution with the low-resolution prediction (one-hot, "
+        "out of fold for training cases) as extra input channels, where the full-resolution patch sees too little "
+        "of the image"
+    )
+
+
 def _plan_configurations(
     fp: Fingerprint,
     target: np.ndarray,
@@ -127,6 +143,7 @@ def _plan_configurations(
         low = _lowres(fp, target, median, n, budget, base, full)
         if low is not None:
             configs["3d_lowres"] = low
+            configs["3d_cascade_fullres"] = cascade_stage(configs["3d_fullres"])
     s2d = rules.spacing_2d(target)
     configs["2d"] = default.plan_configuration(
         "2d", fp, s2d.value, median[1:], float(np.prod(median)) * n, budget, base
@@ -189,7 +206,9 @@ def make_plans(
         if not (budget.is_cpu and check_speed):
             measured = {}
             break
-        measured = {n: default.check_cpu_speed(c, budget) for n, c in configs.items()}
+        # the cascade stage runs 3d_fullres's network (a few more input channels): timed once
+        measured = {n: default.check_cpu_speed(c, budget) for n, c in configs.items() if not c.previous_stage}
+        measured |= {n: measured[c.inherits_from] for n, c in configs.items() if c.previous_stage and c.inherits_from}
         ratios = [measured[n][0] / budget.seconds(c.network, c.patch_size, c.batch_size) for n, c in configs.items()]
         ratio = float(np.median(ratios))
         if 0.85 <= ratio <= 1.15 or attempt == 2:

@@ -199,6 +199,12 @@ class Plans:
         """Label values of the classes to segment (background and the ignore label excluded)."""
         return foreground_values(self.labels, self.ignore_label)
 
+    def input_channels(self, c: Configuration) -> int:
+        """Network input channels of configuration ``c``: the image channels, plus one per foreground class for a
+        cascade stage (the previous stage's prediction, one-hot)."""
+        extra = len(self.foreground_values) if c.previous_stage else 0
+        return len(self.channels) + extra
+
     def save(self, path: Path) -> None:
         save_json(self, path)
 
