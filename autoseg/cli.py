@@ -7,6 +7,7 @@ traceback, and the command exits with status 1.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
@@ -123,8 +124,9 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         device=args.device,
         gpu_memory_gb=args.gpu_memory,
         time_budget_hours=args.time_budget,
-        overrides=args.set,
+        overrides=_overrides(args),
         cross_validation=CROSS_VALIDATION[args.cross_validation],
+        like=_like(args),
     )
     print(f"{Path(args.run) / 'plans.json'}: {plans.planner} plan for {plans.device.kind} ({plans.device.name})")
     for name, c in plans.configurations.items():
@@ -160,7 +162,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
     plans = load_plans(args.run)  # --set overrides are applied (and recorded with each fold) by the training
     options = TrainOptions(device=args.device, workers=args.workers)
     train_jobs(
-        Path(args.run), plans, args.config, _folds(args.fold), devices=args.devices, overrides=args.set, options=options
+        Path(args.run),
+        plans,
+        args.config,
+        _folds(args.fold),
+        devices=args.devices,
+        overrides=_overrides(args),
+        options=options,
     )
     return 0
 
@@ -305,7 +313,8 @@ def _run(args: argparse.Namespace, bars: _StageBars):
         gpu_memory_gb=args.gpu_memory,
         time_budget_hours=args.time_budget,
         preset=args.preset,
-        overrides=args.set,
+        overrides=_overrides(args),
+        like=_like(args),
         configs=args.configs,
         folds=_folds(args.folds),
         devices=args.devices,
@@ -347,6 +356,29 @@ def _plan_options(p: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="override a plan field, e.g. training.epochs=50 or 3d_fullres.batch_size=4",
     )
+    p.add_argument("--like", type=Path, default=None, metavar="RUN", help="plan like another run so its weights fit")
+    _init_option(p)
+
+
+def _init_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--init-from",
+        default=None,
+        metavar="RUN[:CONFIG[:FOLD]]",
+        help="start training from another run's weights (fine-tuning; a pretraining run too)",
+    )
+
+
+def _overrides(args: argparse.Namespace) -> list[str]:
+    """``--set`` overrides, with ``--init-from`` as ``training.init_from``."""
+    init = [f"training.init_from={json.dumps(str(args.init_from))}"] if args.init_from else []
+    return [*args.set, *init]
+
+
+def _like(args: argparse.Namespace):
+    from autoseg.planning.plans import load_plans
+
+    return load_plans(args.like) if args.like else None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -404,6 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="device of an in-process job (auto, cpu, cuda)")
     p.add_argument("-j", "--workers", type=int, default=None, help="data loader processes (default: from cores/RAM)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a plan field")
+    _init_option(p)
 
     p = add("predict", _cmd_predict, "segment new images with a trained run folder")
     p.add_argument("-m", "--model", type=Path, required=True, help="run folder or model bundle (autoseg export)")

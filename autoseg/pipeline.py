@@ -176,6 +176,7 @@ def run_pipeline(
     n_folds: int = 5,
     cross_validation: bool | None = None,
     progress: Progress | None = None,
+    like: Plans | None = None,
 ):
     """Run every stage up to ``select``; returns the Selection."""
     from autoseg.inference.select import select
@@ -201,6 +202,7 @@ def run_pipeline(
             gpu_memory_gb=gpu_memory_gb,
             time_budget_hours=time_budget_hours,
             overrides=overrides,
+            like=like,
         )
     plans = load_plans(run_dir)
     names = [c for c in (configs or plans.configurations) if c != "3d_cascade_fullres"]
