@@ -173,6 +173,17 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_pretrain(args: argparse.Namespace) -> int:
+    from autoseg.training.pretrain import PretrainOptions, pretrain
+
+    options = PretrainOptions(
+        epochs=args.epochs, time_budget_hours=args.time_budget, device=args.device, workers=args.workers or 0
+    )
+    final = pretrain(args.data, args.output, args.plans, config=args.config, options=options)
+    print(f"pretrained: {final}; fine-tune with: autoseg train RUN --init-from {args.output}")
+    return 0
+
+
 def _cmd_predict(args: argparse.Namespace) -> int:
     from autoseg.export.bundle import model_folder
     from autoseg.inference.predict import predict_path
@@ -437,6 +448,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-j", "--workers", type=int, default=None, help="data loader processes (default: from cores/RAM)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a plan field")
     _init_option(p)
+
+    p = add("pretrain", _cmd_pretrain, "self-supervised pretraining (masked image modelling) on unlabelled images")
+    p.add_argument("data", type=Path, nargs="+", help="dataset folder(s); their labels, if any, are ignored")
+    p.add_argument("-o", "--output", type=Path, required=True, help="pretraining run folder (for --init-from)")
+    p.add_argument("--plans", type=Path, required=True, metavar="RUN", help="the planned run to fine-tune later")
+    p.add_argument("-c", "--config", default=None, help="configuration (default: 3d_fullres, else 2d)")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--epochs", type=int, default=None, help="epochs (default: the plan's)")
+    budget.add_argument("--time-budget", type=float, default=None, metavar="HOURS", help="pretrain for this long")
+    p.add_argument("--device", default="auto")
+    p.add_argument("-j", "--workers", type=int, default=None, help="data loader processes (default 0)")
 
     p = add("predict", _cmd_predict, "segment new images with a trained run folder")
     p.add_argument("-m", "--model", type=Path, required=True, help="run folder or model bundle (autoseg export)")

@@ -12,6 +12,7 @@ which tensors were copied, adapted and re-initialised, and is written beside the
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -89,13 +90,16 @@ def _adapt_input_channels(target: torch.Tensor, source: torch.Tensor) -> torch.T
     return out * (source.shape[1] / target.shape[1])
 
 
-def transfer_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> TransferReport:
-    """Copy and adapt ``state`` (a source network's ``state_dict``) into ``model`` in place; see the module doc."""
+def transfer_weights(
+    model: torch.nn.Module, state: dict[str, torch.Tensor], source: str, *, skip: Sequence[str] = ()
+) -> TransferReport:
+    """Copy and adapt ``state`` (a source network's ``state_dict``) into ``model`` in place; see the module doc.
+    Tensors whose name starts with one of ``skip`` keep their initialisation."""
     report = TransferReport(source)
     own = model.state_dict()
     new = {}
     for name, tensor in own.items():
-        theirs = state.get(name)
+        theirs = None if name.startswith(tuple(skip)) else state.get(name)
         if theirs is not None and theirs.shape == tensor.shape:
             new[name] = theirs
             report.copied.append(name)
@@ -119,7 +123,9 @@ def initialise_from(model: torch.nn.Module, spec: str, config: str) -> TransferR
     state = load_checkpoint(path)
     if "network" not in state:
         raise ConfigError(f"training.init_from: {path} holds no network weights")
-    report = transfer_weights(model, state["network"], str(path))
+    # a pretraining run's output head reconstructs images: never the start of a segmentation head
+    skip = ("heads.",) if state.get("pretraining") else ()
+    report = transfer_weights(model, state["network"], str(path), skip=skip)
     if not report.copied and not report.adapted:
         raise ConfigError(
             f"training.init_from: no tensor of {path} fits the network of {config} (different topology); plan the "

@@ -16,7 +16,9 @@ from autoseg.networks.builder import build_network
 from autoseg.planning.planner import make_plans
 from autoseg.planning.plans import load_plans
 from autoseg.runfolder import RunFolder, record_dataset
+from autoseg.training import pretrain as pretrain_module
 from autoseg.training.checkpoint import load_checkpoint
+from autoseg.training.pretrain import PretrainOptions, masked_input, pretrain
 from autoseg.training.trainer import _lr
 from autoseg.training.transfer import resolve_source, transfer_weights
 
@@ -96,3 +98,47 @@ def test_fine_tune_a_run_planned_like_another_dataset(tmp_path):
         resolve_source(f"{source}:2d", "2d")
     with pytest.raises(ConfigError, match="no trained fold"):
         resolve_source(str(tmp_path / "nothing"), "2d")
+
+
+def test_masked_input_hides_whole_blocks():
+    data = torch.randn(2, 1, 10, 20, 30) + 5
+    masked, hidden = masked_input(data, (2, 4, 4), 0.6, torch.Generator().manual_seed(0))
+    assert hidden.shape == (2, 1, 10, 20, 30) and 0.45 < float(hidden.mean()) < 0.75
+    assert torch.all(masked[hidden.bool().expand_as(masked)] == 0)
+    torch.testing.assert_close(masked[~hidden.bool().expand_as(masked)], data[~hidden.bool().expand_as(data)])
+    blocks = hidden[:, 0].reshape(2, 5, 2, 5, 4, 30)  # constant inside each 2 x 4 x 4 block
+    assert torch.all(blocks.amax((2, 4)) == blocks.amin((2, 4)))
+
+
+def test_pretrain_resumes_exactly_and_fine_tunes_into_a_segmentation_run(tmp_path, monkeypatch):
+    data = make_dataset(tmp_path / "data", "ct3d", cases=3, test_cases=0, seed=3)
+    run = tmp_path / "run"
+    record_dataset(run, data)
+    fp = extract_fingerprint(data, run / "fingerprint.json", workers=1)
+    make_plans(fp, device="cpu", check_speed=False, cpu_flops=5e7, overrides=TINY).save(run / "plans.json")
+    options = PretrainOptions(epochs=2, device="cpu")
+    whole = pretrain([data], tmp_path / "whole", run, config="3d_fullres", options=options)
+    calls = {"n": 0}
+    real = pretrain_module._epoch
+
+    def dies_in_the_second_epoch(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pretrain_module, "_epoch", dies_in_the_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain([data], tmp_path / "resumed", run, config="3d_fullres", options=options)
+    monkeypatch.setattr(pretrain_module, "_epoch", real)
+    resumed = pretrain([data], tmp_path / "resumed", run, config="3d_fullres", options=options)
+    a, b = load_checkpoint(whole)["network"], load_checkpoint(resumed)["network"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert (resumed.parent / "training_curve.png").is_file()
+    # the pretrained encoder and decoder start a segmentation run; the reconstruction head does not
+    assert main(["preprocess", str(run), "-c", "3d_fullres", "-j", "1"]) == 0
+    args = ["train", str(run), "-c", "3d_fullres", "-f", "all", "--device", "cpu", "-j", "0"]
+    assert main([*args, "--init-from", str(tmp_path / "whole")]) == 0
+    report = json.loads((RunFolder(run).fold("3d_fullres", "all") / "transfer.json").read_text())
+    assert report["reinitialised"] and all(n.startswith("heads.") for n in report["reinitialised"])
+    assert len(report["copied"]) + len(report["adapted"]) > 10
