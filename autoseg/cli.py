@@ -7,6 +7,7 @@ traceback, and the command exits with status 1.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
@@ -123,8 +124,9 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         device=args.device,
         gpu_memory_gb=args.gpu_memory,
         time_budget_hours=args.time_budget,
-        overrides=args.set,
+        overrides=_overrides(args),
         cross_validation=CROSS_VALIDATION[args.cross_validation],
+        like=_like(args),
     )
     print(f"{Path(args.run) / 'plans.json'}: {plans.planner} plan for {plans.device.kind} ({plans.device.name})")
     for name, c in plans.configurations.items():
@@ -160,8 +162,25 @@ def _cmd_train(args: argparse.Namespace) -> int:
     plans = load_plans(args.run)  # --set overrides are applied (and recorded with each fold) by the training
     options = TrainOptions(device=args.device, workers=args.workers)
     train_jobs(
-        Path(args.run), plans, args.config, _folds(args.fold), devices=args.devices, overrides=args.set, options=options
+        Path(args.run),
+        plans,
+        args.config,
+        _folds(args.fold),
+        devices=args.devices,
+        overrides=_overrides(args),
+        options=options,
     )
+    return 0
+
+
+def _cmd_pretrain(args: argparse.Namespace) -> int:
+    from autoseg.training.pretrain import PretrainOptions, pretrain
+
+    options = PretrainOptions(
+        epochs=args.epochs, time_budget_hours=args.time_budget, device=args.device, workers=args.workers or 0
+    )
+    final = pretrain(args.data, args.output, args.plans, config=args.config, options=options)
+    print(f"pretrained: {final}; fine-tune with: autoseg train RUN --init-from {args.output}")
     return 0
 
 
@@ -317,7 +336,8 @@ def _run(args: argparse.Namespace, bars: _StageBars):
         gpu_memory_gb=args.gpu_memory,
         time_budget_hours=args.time_budget,
         preset=args.preset,
-        overrides=args.set,
+        overrides=_overrides(args),
+        like=_like(args),
         configs=args.configs,
         folds=_folds(args.folds),
         devices=args.devices,
@@ -359,6 +379,29 @@ def _plan_options(p: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="override a plan field, e.g. training.epochs=50 or 3d_fullres.batch_size=4",
     )
+    p.add_argument("--like", type=Path, default=None, metavar="RUN", help="plan like another run so its weights fit")
+    _init_option(p)
+
+
+def _init_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--init-from",
+        default=None,
+        metavar="RUN[:CONFIG[:FOLD]]",
+        help="start training from another run's weights (fine-tuning; a pretraining run too)",
+    )
+
+
+def _overrides(args: argparse.Namespace) -> list[str]:
+    """``--set`` overrides, with ``--init-from`` as ``training.init_from``."""
+    init = [f"training.init_from={json.dumps(str(args.init_from))}"] if args.init_from else []
+    return [*args.set, *init]
+
+
+def _like(args: argparse.Namespace):
+    from autoseg.planning.plans import load_plans
+
+    return load_plans(args.like) if args.like else None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -416,6 +459,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="device of an in-process job (auto, cpu, cuda)")
     p.add_argument("-j", "--workers", type=int, default=None, help="data loader processes (default: from cores/RAM)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a plan field")
+    _init_option(p)
+
+    p = add("pretrain", _cmd_pretrain, "self-supervised pretraining (masked image modelling) on unlabelled images")
+    p.add_argument("data", type=Path, nargs="+", help="dataset folder(s); their labels, if any, are ignored")
+    p.add_argument("-o", "--output", type=Path, required=True, help="pretraining run folder (for --init-from)")
+    p.add_argument("--plans", type=Path, required=True, metavar="RUN", help="the planned run to fine-tune later")
+    p.add_argument("-c", "--config", default=None, help="configuration (default: 3d_fullres, else 2d)")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--epochs", type=int, default=None, help="epochs (default: the plan's)")
+    budget.add_argument("--time-budget", type=float, default=None, metavar="HOURS", help="pretrain for this long")
+    p.add_argument("--device", default="auto")
+    p.add_argument("-j", "--workers", type=int, default=None, help="data loader processes (default 0)")
 
     p = add("predict", _cmd_predict, "segment new images with a trained run folder")
     p.add_argument("-m", "--model", type=Path, required=True, help="run folder or model bundle (autoseg export)")

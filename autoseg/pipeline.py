@@ -209,6 +209,7 @@ def run_pipeline(
     n_folds: int = 5,
     cross_validation: bool | None = None,
     progress: Progress | None = None,
+    like: Plans | None = None,
 ):
     """Run every stage up to ``select`` and write the report; returns the Selection (None when nothing is selected)."""
     from autoseg.inference.select import select
@@ -234,6 +235,7 @@ def run_pipeline(
             gpu_memory_gb=gpu_memory_gb,
             time_budget_hours=time_budget_hours,
             overrides=overrides,
+            like=like,
         )
     plans = load_plans(run_dir)
     names = list(configs or plans.configurations)

@@ -116,6 +116,10 @@ class TrainingSpec:
     precision: str = "auto"
     seed: int = 12345
     gpus_per_job: int = 1  # > 1: one job data-parallel (DDP, torchrun) over this many GPUs
+    #: start from another run's weights: ``RUN[:CONFIG[:FOLD]]`` or a checkpoint file (autoseg.training.transfer)
+    init_from: str | None = None
+    #: epochs of linear learning-rate warm-up from lr / (warmup_epochs + 1) (fine-tuning a transferred network)
+    warmup_epochs: int = 0
 
 
 @dataclass(frozen=True)

@@ -43,6 +43,7 @@ from autoseg.training.curves import plot_training_curves
 from autoseg.training.distributed import from_environment
 from autoseg.training.loader import BatchLoader, BatchRecipe, CaseData, choose_workers
 from autoseg.training.splits import fold_cases, load_or_make_splits
+from autoseg.training.transfer import initialise_from
 
 __all__ = ["TrainOptions", "PreprocessedCases", "train_fold"]
 
@@ -88,6 +89,13 @@ def _open_case(folder: Path, case_id: str, previous: Path | None = None) -> Case
 
 
 def _lr(configuration: Configuration, epoch: int) -> float:
+    t = configuration.training
+    if epoch < t.warmup_epochs:
+        return _scheduled_lr(configuration, epoch) * (epoch + 1) / (t.warmup_epochs + 1)
+    return _scheduled_lr(configuration, epoch)
+
+
+def _scheduled_lr(configuration: Configuration, epoch: int) -> float:
     t = configuration.training
     if t.lr_schedule == "poly":
         return t.learning_rate * (1 - epoch / t.epochs) ** t.poly_exponent
@@ -256,6 +264,10 @@ def _train(
     if (out / "checkpoint_final.pt").exists():
         log.info("%s: already trained (checkpoint_final.pt exists); nothing to do", out)
         return out
+    if not latest.exists() and t.init_from:  # a new fold fine-tuned from another run's weights
+        report = initialise_from(model, t.init_from, c.name)
+        if main:
+            write_text_atomic(out / "transfer.json", json.dumps(dataclasses.asdict(report), indent=2) + "\n")
     if latest.exists():
         state = load_checkpoint(latest, device)
         model.load_state_dict(state["network"])
