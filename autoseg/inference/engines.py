@@ -52,7 +52,10 @@ class OnnxNetwork:
         ort = import_onnxruntime()
         self.name = name or (str(model) if not isinstance(model, bytes) else "ONNX model")
         if not isinstance(model, bytes) and not Path(model).is_file():
-            raise InferenceError(f"{self.name}: ONNX file not found; export it with `autoseg export RUN --onnx`")
+            raise InferenceError(
+                f"{self.name}: ONNX file not found; export the model with `autoseg export RUN --onnx -o "
+                "MODEL.autoseg` and predict with `-m MODEL.autoseg`"
+            )
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or torch.get_num_threads()
         options.inter_op_num_threads = 1

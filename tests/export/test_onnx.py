@@ -89,12 +89,14 @@ def test_an_export_that_differs_from_torch_fails_loudly(run, monkeypatch):
 
 def test_onnxruntime_predicts_the_labels_of_torch(run, tmp_path, monkeypatch):
     monkeypatch.setenv("AUTOSEG_CACHE", str(tmp_path / "cache"))
-    bundle = tmp_path / "model.autoseg"
-    assert main(["export", str(run), "--onnx", "-o", str(bundle)]) == 0
+    plain, bundle = tmp_path / "plain.autoseg", tmp_path / "model.autoseg"
+    assert main(["export", str(run), "-o", str(plain)]) == 0
+    assert main(["export", str(plain), "--onnx", "-o", str(bundle)]) == 0  # ONNX added to a bundle
     with zipfile.ZipFile(bundle) as archive:
         names = set(archive.namelist())
         manifest = json.loads(archive.read("manifest.json"))
     assert {"models/3d_fullres/fold_all/network.onnx", "models/3d_fullres/fold_all/checkpoint_final.pt"} <= names
+    assert "training_data.json" in names  # carried over from the first bundle
     assert manifest["onnx"]["members"]["3d_fullres/fold_all"]["max_abs_diff"] < 1e-4
     images = run.parent / "data" / "imagesTr"
     common = ["-m", str(bundle), "-i", str(images), "--device", "cpu", "--mirror", "single", "--precision", "fp32"]
