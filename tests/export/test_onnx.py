@@ -10,20 +10,17 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("onnx", reason="ONNX export needs the onnx extra (pip install 'autoseg[onnx]')")
-pytest.importorskip("onnxruntime", reason="the onnxruntime engine needs the onnx extra (pip install 'autoseg[onnx]')")
-
-from autoseg.cli import main  # noqa: E402
-from autoseg.data.io import read_label  # noqa: E402
-from autoseg.errors import InferenceError  # noqa: E402
-from autoseg.export import onnx as onnx_export  # noqa: E402
-from autoseg.inference.engines import OnnxNetwork  # noqa: E402
-from autoseg.inference.predict import predict_path  # noqa: E402
-from autoseg.networks.builder import build_network  # noqa: E402
-from autoseg.networks.spec import NetworkSpec  # noqa: E402
-from autoseg.planning.plans import load_plans  # noqa: E402
-from autoseg.training.trainer import TrainOptions, train_fold  # noqa: E402
-from tests.training.test_trainer import make_tiny_run  # noqa: E402
+from autoseg.cli import main
+from autoseg.data.io import read_label
+from autoseg.errors import InferenceError
+from autoseg.export import onnx as onnx_export
+from autoseg.inference.engines import OnnxNetwork
+from autoseg.inference.predict import predict_path
+from autoseg.networks.builder import build_network
+from autoseg.networks.spec import NetworkSpec
+from autoseg.planning.plans import load_plans
+from autoseg.training.trainer import TrainOptions, train_fold
+from tests.training.test_trainer import make_tiny_run
 
 SPEC_3D = NetworkSpec(
     3, (4, 8, 16), ((1, 3, 3), (3, 3, 3), (3, 3, 3)), ((1, 1, 1), (1, 2, 2), (2, 2, 2)), (1, 1, 1), (1, 1)
@@ -31,6 +28,13 @@ SPEC_3D = NetworkSpec(
 SPEC_2D = NetworkSpec(
     3, (4, 8, 12), ((3, 3), (3, 3), (3, 3)), ((1, 1), (2, 2), (2, 2)), (1, 2, 1), (1, 1), block="residual"
 )
+
+
+@pytest.fixture(scope="module", autouse=True)
+def onnx_extra() -> None:
+    """Skip (a failure in CI, which installs it) without the onnx extra."""
+    for package in ("onnx", "onnxruntime"):
+        pytest.importorskip(package, reason=f"needs {package}, of the onnx extra (pip install 'autoseg[onnx]')")
 
 
 @pytest.fixture(scope="module")
