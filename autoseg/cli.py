@@ -203,6 +203,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
             checkpoint=args.checkpoint,
             precision=args.precision,
             any_spacing=args.any_spacing,
+            engine=args.engine,
             progress=progress,
         )
     print(f"wrote {len(written)} prediction(s) to {args.output}")
@@ -210,10 +211,20 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from autoseg.export.bundle import export_bundle
+    from autoseg.export.bundle import export_bundle, model_folder, read_manifest
 
-    out = export_bundle(args.run, args.output, configs=args.configs, folds=args.folds)
-    print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MB); predict with: autoseg predict -m {out} -i IMAGES -o OUT")
+    out = export_bundle(model_folder(args.run), args.output, configs=args.configs, folds=args.folds, onnx=args.onnx)
+    if args.onnx:
+        for member, check in read_manifest(out)["onnx"]["members"].items():
+            print(
+                f"  {member}: ONNX matches torch within {check['max_abs_diff']:.2g} (logits up to "
+                f"{check['max_abs_logit']:.3g}) on input shapes {check['shapes']}"
+            )
+    engine = " --engine onnxruntime" if args.onnx else ""
+    print(
+        f"wrote {out} ({out.stat().st_size / 2**20:.1f} MB); predict with: autoseg predict -m {out}{engine} -i IMAGES "
+        "-o OUT"
+    )
     return 0
 
 
@@ -508,12 +519,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="forward-pass precision; auto (default): fp16 on a GPU, bf16 on a CPU with native bf16 (AVX512-BF16/AMX), "
         "else fp32",
     )
+    p.add_argument(
+        "--engine",
+        choices=["torch", "onnxruntime"],
+        default="torch",
+        help="forward passes by torch (default) or by onnxruntime on the CPU (a bundle exported with --onnx), with "
+        "the same sliding window, mirroring, ensemble and postprocessing",
+    )
 
     p = add("export", _cmd_export, "write a trained run's model as one file (MODEL.autoseg) that predicts anywhere")
-    p.add_argument("run", type=Path, help="run folder")
+    p.add_argument("run", type=Path, help="run folder (or a model bundle, to add ONNX networks to it)")
     p.add_argument("-o", "--output", type=Path, required=True, help="bundle file to write, e.g. MODEL.autoseg")
     p.add_argument("--configs", nargs="+", default=None, help="configurations (default: the selected ensemble)")
     p.add_argument("--folds", nargs="+", default=None, help="folds (default: every trained fold)")
+    p.add_argument(
+        "--onnx",
+        action="store_true",
+        help="also export every network to ONNX, checked against torch, for predict --engine onnxruntime",
+    )
 
     p = add("report", _cmd_report, "write one self-contained HTML page about a run (RUN/report.html)")
     p.add_argument("run", type=Path, help="run folder")

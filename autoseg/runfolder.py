@@ -108,6 +108,10 @@ class RunFolder:
         """``checkpoint_<which>.pt`` of a fold: ``final``, ``latest`` or ``best``."""
         return self.fold(config, fold) / f"checkpoint_{which}.pt"
 
+    def onnx_network(self, config: str, fold: int | str) -> Path:
+        """``network.onnx``: the fold's final network exported for onnxruntime (``autoseg export --onnx``)."""
+        return self.fold(config, fold) / "network.onnx"
+
     def validation(self, config: str, fold: int | str) -> Path:
         """The fold's out-of-fold predictions and their ``summary.json``."""
         return self.fold(config, fold) / "validation"

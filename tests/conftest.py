@@ -29,6 +29,7 @@ CI_PROVIDES = (
     "could not import 'surface_distance",
     "could not import 'playwright",
     "chromium not installed",
+    "of the onnx extra",
 )
 
 

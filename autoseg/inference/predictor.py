@@ -11,7 +11,7 @@ configurations are averaged, so at most one full-resolution float array per clas
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +21,7 @@ import torch
 from autoseg.data.geometry import Geometry
 from autoseg.devices import inference_dtype, resolve_device
 from autoseg.errors import ConfigError, InferenceError
+from autoseg.inference.engines import ENGINES, OnnxNetwork
 from autoseg.inference.postprocessing import PostprocessingSpec, apply_postprocessing
 from autoseg.inference.selection import load_selection
 from autoseg.inference.sliding_window import sliding_window_logits, sliding_window_rows
@@ -63,11 +64,12 @@ class Prediction:
 
 @dataclass(frozen=True)
 class Member:
-    """One trained network of an ensemble, with the configuration it was trained with."""
+    """One trained network of an ensemble, with the configuration it was trained with; ``network`` is the torch
+    module, or an :class:`~autoseg.inference.engines.OnnxNetwork` (logits of a batch, like the module)."""
 
     fold: str
     configuration: Configuration
-    network: torch.nn.Module
+    network: Callable[[torch.Tensor], torch.Tensor]
 
 
 def member_configuration(state: dict, plans: Plans, config: str, path: Path) -> Configuration:
@@ -140,6 +142,8 @@ class Predictor:
     mirror_mode : ``all`` (every flip combination), ``single`` (one flip per axis), ``none``, or ``auto``: ``all`` on
         a GPU, ``single`` on a CPU, where every pass is expensive (k + 1 instead of 2^k passes in 3D: 4 vs 8).
     precision : forward-pass precision, see :func:`inference_dtype`.
+    engine : ``torch``, or ``onnxruntime``: each member's ``network.onnx`` (``autoseg export --onnx``) computes the
+        forward passes, in float32 on the CPU, with as many threads as torch; everything else is the same.
     """
 
     def __init__(
@@ -156,9 +160,16 @@ class Predictor:
         postprocessing: PostprocessingSpec | None = None,
         plans: Plans | None = None,
         precision: str = "auto",
+        engine: str = "torch",
     ):
         self.run_dir = Path(run_dir)
         self.plans = plans or load_plans(self.run_dir)
+        self.engine = engine
+        if engine not in ENGINES:
+            raise InferenceError(f"engine {engine!r}: choose one of {', '.join(ENGINES)}")
+        if engine == "onnxruntime":
+            _check_onnx_options(device, precision, checkpoint)
+            device, precision = "cpu", "fp32"
         self.device = resolve_device(device)
         if mirror_mode == "auto":
             mirror_mode = "all" if self.device.type == "cuda" else "single"
@@ -202,15 +213,17 @@ class Predictor:
                     postprocessing=None,
                     plans=self.plans,
                     precision=precision,
+                    engine=engine,
                 )
         self.tile_batch = tile_batch
         n = sum(len(m) for m in self.members.values())
         dtype = str(self.autocast or torch.float32).removeprefix("torch.")
         log.info(
-            "predictor: %s, %d model(s) on %s, mirroring %s, %s",
+            "predictor: %s, %d model(s) on %s (%s), mirroring %s, %s",
             ", ".join(self.members),
             n,
             self.device,
+            engine,
             mirror_mode,
             dtype,
         )
@@ -221,6 +234,10 @@ class Predictor:
             raise InferenceError(f"{path}: checkpoint missing; train fold {fold} of {config} first")
         state = load_checkpoint(path)
         c = member_configuration(state, self.plans, config, path)
+        if self.engine == "onnxruntime":
+            onnx = OnnxNetwork(RunFolder(self.run_dir).onnx_network(config, fold))
+            onnx.check_fits(ndim=c.ndim, in_channels=self.plans.input_channels(c), n_outputs=self.plans.n_outputs)
+            return Member(fold, c, onnx)
         network = build_network(c.network, self.plans.input_channels(c), self.plans.n_outputs)
         try:
             network.load_state_dict(state["network"])
@@ -373,6 +390,19 @@ class Predictor:
             _region_order(self.plans),
         )
         return labels
+
+
+def _check_onnx_options(device: str, precision: str, checkpoint: str) -> None:
+    """InferenceError for options the onnxruntime engine cannot honour (it runs the final networks' float32 export
+    on the CPU)."""
+    if device not in ("auto", "cpu"):
+        raise InferenceError(f"--engine onnxruntime runs on the CPU; use --device cpu, or --engine torch for {device}")
+    if precision not in ("auto", "fp32"):
+        raise InferenceError(f"--engine onnxruntime runs the float32 export; use --precision fp32 (not {precision})")
+    if checkpoint != "final":
+        raise InferenceError(
+            f"--engine onnxruntime runs the exported final networks; --checkpoint {checkpoint} needs --engine torch"
+        )
 
 
 def _class_probabilities(
