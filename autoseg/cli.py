@@ -487,6 +487,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--search-trials", type=int, default=0, help="run a search of N trials before training")
     p.add_argument("--search-time", type=float, default=None, metavar="HOURS", help="search for this long instead")
 
+    from autoseg.analysis.common import add_analyze_parser
+
+    add_analyze_parser(sub)
+
     p = add("example", _cmd_example, "the built-in example: synthetic CT, full pipeline on CPU, test Dice")
     p.add_argument("out", type=Path, nargs="?", default=Path("example"), help="folder (default: ./example)")
     p.add_argument("--time-budget", type=float, default=0.1, metavar="HOURS", help="training budget (default 0.1)")

@@ -11,6 +11,8 @@ Layout (every path in the package comes from :class:`RunFolder`)::
     RUN/selection.json            autoseg select
     RUN/references/               links to the training labels under the names predictions get
     RUN/search/                   autoseg search: study and trial folders
+    RUN/analysis/                 autoseg analyze: <analysis>.json and .png
+    RUN/calibration.json          autoseg analyze calibration: temperature and uncertainty score predict uses
 
 A model bundle (``autoseg export``) unpacks to a run folder with plans.json, selection.json, the exported folds'
 weights, ``training_data.json`` (the fingerprint's dataset-level summary) and ``manifest.json``.
@@ -77,6 +79,14 @@ class RunFolder:
     @property
     def search(self) -> Path:
         return self.root / "search"
+
+    @property
+    def analysis(self) -> Path:
+        return self.root / "analysis"
+
+    @property
+    def calibration(self) -> Path:
+        return self.root / "calibration.json"
 
     @property
     def preprocessed_root(self) -> Path:
