@@ -11,7 +11,7 @@ import pytest
 from autoseg.analysis.perturbations import PERTURBATIONS, apply_perturbation
 from autoseg.errors import ConfigError
 
-pytest.importorskip("torchio", reason="torchio (the analysis extra) is not installed")
+pytest.importorskip("torchio")  # the analysis extra
 
 SPACING = (3.0, 0.7, 0.8)
 SHAPE = (10, 20, 30)
