@@ -170,15 +170,17 @@ def plot_robustness(table: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
-    for name, row in table["perturbations"].items():
-        ax.plot([r["level"] for r in row["levels"]], [r["mean_dice"] for r in row["levels"]], marker="o", label=name)
-    ax.axhline(table["reference"]["mean_dice"], color="black", ls="--", label="unperturbed")
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
+    base = table["reference"]["mean_dice"]
+    for name, row in table["perturbations"].items():  # each curve starts at the unperturbed Dice (level 0)
+        levels = [0] + [r["level"] for r in row["levels"]]
+        ax.plot(levels, [base] + [r["mean_dice"] for r in row["levels"]], marker="o", label=name)
+    ax.axhline(base, color="black", ls="--", lw=1, label="unperturbed")
     worst = table["most_harmful"]
     title = f"{len(table['cases'])} case(s)" + (f"; hurts most: {worst['name']}" if worst else "")
-    ax.set(xlabel="severity level", ylabel="mean foreground Dice", title=title, ylim=(0, 1.02))
-    ax.set_xticks(sorted({r["level"] for row in table["perturbations"].values() for r in row["levels"]}))
-    ax.legend(fontsize=8, loc="lower left")
+    ax.set(xlabel="severity level (0: unperturbed)", ylabel="mean foreground Dice", title=title)
+    ax.set_xticks([0, *sorted({r["level"] for row in table["perturbations"].values() for r in row["levels"]})])
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     save_figure(fig, path)
 
 
