@@ -42,7 +42,7 @@ from autoseg.data.io import read_images, write_image
 from autoseg.errors import ConfigError
 from autoseg.files import write_text_atomic
 from autoseg.inference.predict import collect_inputs
-from autoseg.inference.predictor import Predictor, probabilities_to_labels
+from autoseg.inference.predictor import TILE_VOXELS, Predictor, probabilities_to_labels
 from autoseg.inference.sliding_window import gaussian_importance, sliding_window_logits, tile_starts
 from autoseg.planning.plans import Plans, load_plans
 from autoseg.preprocessing.preprocess import preprocess_case, revert
@@ -193,8 +193,9 @@ def _occlusion_attribution(
         for x in batch:
             total = torch.zeros(())
             for network, patch in networks:
+                tiles = max(1, min(256, TILE_VOXELS[options.device.type] // int(np.prod(patch))))
                 logits = sliding_window_logits(
-                    network, x, patch, options.n_outputs, step=options.step, device=options.device, tile_batch=8
+                    network, x, patch, options.n_outputs, step=options.step, device=options.device, tile_batch=tiles
                 )
                 p = logits[target.channel].sigmoid() if target.sigmoid else logits.softmax(0)[target.channel]
                 total += p[region].sum() / options.norm
