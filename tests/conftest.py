@@ -30,6 +30,7 @@ CI_PROVIDES = (
     "could not import 'playwright",
     "chromium not installed",
     "of the onnx extra",
+    "could not import 'highdicom",
 )
 
 
