@@ -216,14 +216,12 @@ def read_dicom_seg(
     """
     hd = require_highdicom()
     path, series = Path(path), Path(series)
-    geometry = read_header(series)
-    sources = source_instances(series, geometry)
+    from pydicom.errors import InvalidDicomError
+
     try:
         seg = hd.seg.segread(path)
-    except (OSError, ValueError, AttributeError) as exc:
+    except (OSError, ValueError, AttributeError, InvalidDicomError) as exc:
         raise DatasetError(f"{path}: not a readable DICOM Segmentation ({exc})") from None
-    if seg.FrameOfReferenceUID != sources[0].FrameOfReferenceUID:
-        raise DatasetError(f"{path}: its Frame of Reference is not that of {series}")
     lookup = np.arange(max(seg.segment_numbers, default=0) + 1)
     if label_values is not None:
         for number in seg.segment_numbers:
@@ -232,6 +230,10 @@ def read_dicom_seg(
                 classes = sorted(label_values)
                 raise DatasetError(f"{path}: segment {number} '{name}' is not one of the classes {classes}")
             lookup[number] = label_values[name]
+    geometry = read_header(series)
+    sources = source_instances(series, geometry)
+    if seg.FrameOfReferenceUID != sources[0].FrameOfReferenceUID:
+        raise DatasetError(f"{path}: its Frame of Reference is not that of {series}")
     try:
         pixels = seg.get_pixels_by_source_instance(
             [str(ds.SOPInstanceUID) for ds in sources], combine_segments=True, dtype=np.uint16

@@ -119,13 +119,16 @@ def test_instances_off_the_grid_are_refused_naming_the_file(written):
         source_instances(series, dataclasses.replace(geometry, direction_xyz=flipped))
 
 
-def test_a_seg_of_another_frame_of_reference_or_unknown_class_is_refused(written, tmp_path):
+def test_a_seg_of_another_frame_of_reference_or_unknown_class_or_no_seg_is_refused(written, tmp_path):
     series, geometry, label, label_values, path = written
     seg = pydicom.dcmread(path)
     seg.FrameOfReferenceUID = pydicom.uid.generate_uid()
     seg.save_as(tmp_path / "other.dcm")
     with pytest.raises(DatasetError, match="other.dcm: its Frame of Reference is not that of"):
         read_dicom_seg(tmp_path / "other.dcm", series)
+    ct = dicom_series_files(series)[0]
+    with pytest.raises(DatasetError, match=r"CT\.[0-9.]+: not a readable DICOM Segmentation \(Dataset is not a Seg"):
+        read_dicom_seg(ct, series)
     with pytest.raises(DatasetError, match="segment 1 'spleen' is not one of the classes"):
         read_dicom_seg(path, series, label_values={"background": 0, "liver": 5})
     with pytest.raises(ValueError, match=r"label value\(s\) \[5, 6, 7, .* are not among the classes"):
