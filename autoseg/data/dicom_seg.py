@@ -112,7 +112,11 @@ def source_instances(series: Path | str, geometry: Geometry) -> list[Any]:
         index = direction.T @ offset / spacing_xyz  # voxels along x, y, z
         k = int(np.rint(index[2]))
         if np.abs(index - [0, 0, k]).max() > POSITION_TOLERANCE_VOXELS or not 0 <= k < geometry.shape_zyx[0]:
-            raise DatasetError(f"{path}: position {list(ds.ImagePositionPatient)} is not on a slice of the series")
+            position = [float(v) for v in ds.ImagePositionPatient]
+            raise DatasetError(
+                f"{path}: position {position} mm is {np.round(index, 2).tolist()} voxels (x, y, z) from the series' "
+                "origin, not on a slice of its grid"
+            )
         if k in by_slice:
             raise DatasetError(f"{path}: slice {k} is also held by {by_slice[k].filename}")
         ds.filename = str(path)
