@@ -204,6 +204,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
             precision=args.precision,
             any_spacing=args.any_spacing,
             engine=args.engine,
+            output_format=args.output_format,
             progress=progress,
         )
     print(f"wrote {len(written)} prediction(s) to {args.output}")
@@ -524,6 +525,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="predict images whose spacing is far outside the training range (refused by default)",
     )
     p.add_argument("--uncertainty", action="store_true", help="also write entropy/disagreement maps and scores")
+    p.add_argument(
+        "--output-format",
+        choices=["auto", "nifti", "dicom-seg"],
+        default="auto",
+        help="label files: auto (default): <case>.dcm DICOM-SEG for a DICOM series, else the input's format; "
+        "nifti: <case>.nii.gz for every case; dicom-seg: DICOM series input only",
+    )
     p.add_argument("--device", default="auto")
     p.add_argument("--continue", dest="continue_", action="store_true", help="skip cases already predicted")
     p.add_argument(

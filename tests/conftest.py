@@ -32,6 +32,7 @@ CI_PROVIDES = (
     "of the onnx extra",
     "could not import 'captum",
     "could not import 'torchio",
+    "could not import 'highdicom",
 )
 
 

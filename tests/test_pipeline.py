@@ -126,25 +126,60 @@ def test_bf16_prediction_agrees_with_fp32(trained, tmp_path):
         assert (a == b).mean() > 0.99
 
 
-@pytest.mark.parametrize("source", ["nrrd", "dicom", "mr"])
+@pytest.mark.parametrize("source", ["nrrd", "mr"])
 def test_predictions_have_the_exact_geometry_of_real_scans(trained, tmp_path, source):
     _, run = trained
     if source == "nrrd":
         image = shared_data("pyradiomics", "brain1_image.nrrd")
-    elif source == "dicom":
-        image = shared_data("totalseg_dicom", "example_ct_dicom")
     else:
         image = shared_data("totalseg_mr", "example_mr_sm.nii.gz")
     written = predict_path(run, image, tmp_path, device="cpu", mirror_mode="none", configs=["2d"], folds=["0"])
     assert len(written) == 1
-    expected = read_header(image)
-    got = read_header(written[0])
+    _assert_same_geometry(read_header(written[0]), read_header(image))
+
+
+def _assert_same_geometry(got, expected):
     assert got.shape_zyx == expected.shape_zyx
     np.testing.assert_allclose(got.spacing_zyx, expected.spacing_zyx, rtol=1e-6)
     np.testing.assert_allclose(got.origin_xyz, expected.origin_xyz, atol=1e-4)
     np.testing.assert_allclose(got.direction_xyz, expected.direction_xyz, atol=1e-6)
-    if source == "dicom":
-        assert written[0].name == "example_ct_dicom.nii.gz"
+
+
+def test_dicom_series_in_dicom_seg_out(trained, tmp_path):
+    """A DICOM series gives <case>.dcm by default: a DICOM-SEG referencing the series, one segment per class,
+    holding the labels that --output-format nifti writes in the series' exact geometry. The series is 4 contiguous
+    slices of the real CT (to keep the test short); the whole series' round trip is in tests/data/test_dicom_seg.py."""
+    pydicom = pytest.importorskip("pydicom")
+    pytest.importorskip("highdicom")
+    from autoseg.data.dicom_seg import read_dicom_seg
+    from autoseg.data.io import dicom_series_files
+    from autoseg.planning.plans import load_plans
+
+    data, run = trained
+    series = tmp_path / "ct"
+    series.mkdir()
+    for f in dicom_series_files(shared_data("totalseg_dicom", "example_ct_dicom"))[8:12]:
+        shutil.copy(f, series / f.name)
+    common = ["-m", str(run), "-i", str(series), "--configs", "2d", "--folds", "0", "--no-tta", "--device", "cpu"]
+    assert main(["predict", *common, "-o", str(tmp_path / "seg")]) == 0
+    assert main(["predict", *common, "-o", str(tmp_path / "nii"), "--output-format", "nifti"]) == 0
+    assert [p.name for p in (tmp_path / "seg").iterdir()] == ["ct.dcm"]
+    nifti, nifti_geometry = read_label(tmp_path / "nii" / "ct.nii.gz")
+    _assert_same_geometry(nifti_geometry, read_header(series))
+    plans = load_plans(run)
+    labels, geometry = read_dicom_seg(tmp_path / "seg" / "ct.dcm", series, label_values=plans.labels)
+    _assert_same_geometry(geometry, nifti_geometry)
+    np.testing.assert_array_equal(labels, nifti)
+    seg = pydicom.dcmread(tmp_path / "seg" / "ct.dcm", stop_before_pixels=True)
+    names = [name for name, value in sorted(plans.labels.items(), key=lambda kv: kv[1]) if value]
+    assert [s.SegmentLabel for s in seg.SegmentSequence] == names
+    headers = [pydicom.dcmread(f, stop_before_pixels=True) for f in series.iterdir()]
+    referenced = seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence
+    assert {str(item.ReferencedSOPInstanceUID) for item in referenced} == {
+        str(ds.file_meta.MediaStorageSOPInstanceUID) for ds in headers
+    }
+    with pytest.raises(InferenceError, match="DICOM-SEG output needs DICOM series input"):
+        predict_path(run, data / "imagesTs", tmp_path / "refused", device="cpu", output_format="dicom-seg")
 
 
 def test_a_budget_for_one_model_trains_it_on_all_cases(tmp_path, capsys):

@@ -50,12 +50,9 @@ ASSUMED_GPU_FLOPS = 30e12
 
 
 def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
+    from autoseg import __version__
 
-    try:
-        return version("autoseg")
-    except PackageNotFoundError:
-        return "unknown"
+    return __version__
 
 
 def _throughput(device: DeviceSpec, in_channels: int, n_outputs: int) -> tuple[float, str]:
