@@ -6,6 +6,7 @@
     plans.json                            the plan (its search section, which names study files, left out)
     selection.json                        the ensemble to use and its postprocessing
     training_data.json                    the fingerprint's dataset-level summary (DataSummary: no case ids)
+    calibration.json                      temperatures and uncertainty score (autoseg analyze calibration), if any
     models/<config>/fold_<k>/checkpoint_final.pt   weights and the configuration they were trained with, nothing else
 
 No patient data goes in: no case ids, file paths, images or per-case facts (the fingerprint, splits, validation
@@ -34,6 +35,7 @@ from autoseg.files import atomic_path
 from autoseg.fingerprint import DataSummary, load_fingerprint
 from autoseg.inference.predictor import trained_folds
 from autoseg.inference.selection import Selection, load_selection
+from autoseg.inference.uncertainty import load_calibration
 from autoseg.planning.plans import load_plans
 from autoseg.runfolder import RunFolder
 from autoseg.serialization import to_jsonable
@@ -99,6 +101,8 @@ def export_bundle(
         "plans.json": _json(dataclasses.replace(plans, search=None)),
         "selection.json": _json(chosen),
     }
+    if run.calibration.is_file():
+        files["calibration.json"] = run.calibration.read_bytes()
     if run.fingerprint.is_file():
         files["training_data.json"] = _json(DataSummary.of(load_fingerprint(run.fingerprint)))
     for config, use in members.items():
@@ -113,7 +117,7 @@ def export_bundle(
         "labels": plans.labels,
         "channels": list(plans.channels),
         "postprocessing": chosen.postprocessing is not None,
-        "temperature": None,
+        "temperature": load_calibration(run.root).temperatures or None,
         "files": {
             name: {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)} for name, data in files.items()
         },

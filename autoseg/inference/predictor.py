@@ -11,7 +11,7 @@ configurations are averaged, so at most one full-resolution float array per clas
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +25,7 @@ from autoseg.inference.postprocessing import PostprocessingSpec, apply_postproce
 from autoseg.inference.selection import load_selection
 from autoseg.inference.sliding_window import sliding_window_logits, sliding_window_rows
 from autoseg.inference.streaming import can_stream, labels_from_bands, mean_bands, paint_labels
+from autoseg.inference.uncertainty import load_calibration
 from autoseg.networks.builder import build_network
 from autoseg.planning.plans import Configuration, Plans, load_plans
 from autoseg.preprocessing.preprocess import preprocess_case, revert
@@ -96,8 +97,11 @@ def trained_folds(run_dir: Path, config: str, checkpoint: str = "final") -> list
     return sorted(folds, key=lambda f: (f == "all", f))
 
 
-def _to_probabilities_(logits: torch.Tensor, *, regions: bool) -> torch.Tensor:
-    """Softmax over channels (sigmoid for regions), in place: no second full-size array."""
+def _to_probabilities_(logits: torch.Tensor, *, regions: bool, temperature: float = 1.0) -> torch.Tensor:
+    """Softmax over channels (sigmoid for regions) of ``logits / temperature``, in place: no second full-size
+    array."""
+    if temperature != 1.0:
+        logits /= temperature
     if regions:
         return logits.sigmoid_()
     logits -= logits.max(0, keepdim=True).values
@@ -139,6 +143,8 @@ class Predictor:
     mirror_mode : ``all`` (every flip combination), ``single`` (one flip per axis), ``none``, or ``auto``: ``all`` on
         a GPU, ``single`` on a CPU, where every pass is expensive (k + 1 instead of 2^k passes in 3D: 4 vs 8).
     precision : forward-pass precision, see :func:`inference_dtype`.
+    temperatures : logits / T before the softmax, by configuration (default: ``RUN/calibration.json``, written by
+        ``autoseg analyze calibration``; T = 1 where it has none). ``{}`` predicts uncalibrated.
     """
 
     def __init__(
@@ -155,9 +161,11 @@ class Predictor:
         postprocessing: PostprocessingSpec | None = None,
         plans: Plans | None = None,
         precision: str = "auto",
+        temperatures: Mapping[str, float] | None = None,
     ):
         self.run_dir = Path(run_dir)
         self.plans = plans or load_plans(self.run_dir)
+        self.temperatures = dict(load_calibration(self.run_dir).temperatures if temperatures is None else temperatures)
         self.device = resolve_device(device)
         if mirror_mode == "auto":
             mirror_mode = "all" if self.device.type == "cuda" else "single"
@@ -231,7 +239,8 @@ class Predictor:
                 logits = torch.stack([window(data[:, z]) for z in range(data.shape[1])], dim=1)
             else:
                 logits = window(data)
-            probs = _to_probabilities_(logits, regions=bool(self.plans.regions)).numpy()
+            temperature = self.temperatures.get(c.name, 1.0)
+            probs = _to_probabilities_(logits, regions=bool(self.plans.regions), temperature=temperature).numpy()
             member_labels.append(probabilities_to_labels(probs, self.plans))
             if mean is None:
                 mean = probs
@@ -270,10 +279,11 @@ class Predictor:
 
         def bands(member: Member):
             c = member.configuration
+            temperature = self.temperatures.get(c.name, 1.0)
             for first, logits in sliding_window_rows(
                 member.network, data, c.patch_size, self.plans.n_outputs, **self._window(c)
             ):
-                yield first, _to_probabilities_(logits, regions=regions).numpy()
+                yield first, _to_probabilities_(logits, regions=regions, temperature=temperature).numpy()
 
         streams = mean_bands([bands(m) for m in members])
         return labels_from_bands(streams, props, region_order=_region_order(self.plans), dtype=_label_dtype(self.plans))
