@@ -178,10 +178,10 @@ def _probability_pairs(logits: np.ndarray, targets: np.ndarray, temperature: flo
 
 
 def _collect(
-    run_dir: Path, plans: Plans, config: str, cases: list[AnalysisCase], *, band: int, device: str
+    run_dir: Path, plans: Plans, config: str, cases: list[AnalysisCase], *, band: int, device: str, mirror_mode: str
 ) -> list[_CaseData]:
     """Predict every case uncalibrated and gather its Dice, uncertainty scores and band voxels."""
-    models = fold_predictors(run_dir, config, cases, device=device, temperatures={})
+    models = fold_predictors(run_dir, config, cases, device=device, mirror_mode=mirror_mode, temperatures={})
     ensemble = Predictor(run_dir, configs=[config], plans=plans, device=device, mirror_mode="none", temperatures={})
     out = []
     for i, case in enumerate(cases):
@@ -263,15 +263,17 @@ def analyze_calibration(
     band: int = 3,
     bins: int = 15,
     device: str = "auto",
+    mirror_mode: str = "auto",
     store: bool = True,
 ) -> dict:
     """Measure calibration and uncertainty scores of a run (see the module docstring); returns the report written
-    to ``RUN/analysis/calibration.json``. On the cross-validation, ``store`` writes ``RUN/calibration.json``."""
+    to ``RUN/analysis/calibration.json``. On the cross-validation, ``store`` writes ``RUN/calibration.json``.
+    ``mirror_mode`` is the test-time mirroring of the evaluated predictions (as ``autoseg predict --mirror``)."""
     run_dir = Path(run_dir)
     plans = load_plans(run_dir)
     config = analysis_config(run_dir, plans, config)
     cases = analysis_cases(run_dir, config, images, labels)
-    data = _collect(run_dir, plans, config, cases, band=band, device=device)
+    data = _collect(run_dir, plans, config, cases, band=band, device=device, mirror_mode=mirror_mode)
     regions = bool(plans.regions)
     logits, targets = _stack(data)
     temperature = fit_temperature(logits, targets, regions=regions)
@@ -324,6 +326,7 @@ def command(args: argparse.Namespace) -> int:
         band=args.band,
         bins=args.bins,
         device=args.device,
+        mirror_mode=args.mirror,
         store=not args.no_store,
     )
     print(

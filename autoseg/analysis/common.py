@@ -204,6 +204,12 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-l", "--labels", type=Path, default=None, help="reference labels of the test images")
     p.add_argument("-c", "--config", default=None, help="configuration (default: the selected one)")
     p.add_argument("--device", default="auto")
+    p.add_argument(
+        "--mirror",
+        choices=["auto", "all", "single", "none"],
+        default="auto",
+        help="test-time mirroring, as autoseg predict (auto: all on a GPU, single on a CPU)",
+    )
 
 
 def _calibration_arguments(p: argparse.ArgumentParser) -> None:

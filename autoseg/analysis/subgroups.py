@@ -169,8 +169,9 @@ def _cv_dice(run_dir: Path, config: str, cases: list[AnalysisCase]) -> dict[str,
     return out
 
 
-def _test_dice(run_dir: Path, plans: Plans, config: str, cases: list[AnalysisCase], device: str) -> dict[str, float]:
-    predictor = fold_predictors(run_dir, config, cases, device=device)[None]
+def _test_dice(run_dir: Path, plans: Plans, config: str, cases: list[AnalysisCase], **options) -> dict[str, float]:
+    """Mean foreground Dice per test case, predicted by every fold (``options`` go to the predictor)."""
+    predictor = fold_predictors(run_dir, config, cases, **options)[None]
     out = {}
     for case in cases:
         image, geometry, reference = read_case(case)
@@ -206,6 +207,7 @@ def analyze_subgroups(
     labels: Path | None = None,
     config: str | None = None,
     device: str = "auto",
+    mirror_mode: str = "auto",
     n_resamples: int = 10000,
     seed: int = 0,
 ) -> dict:
@@ -217,7 +219,10 @@ def analyze_subgroups(
     plans = load_plans(run_dir)
     config = analysis_config(run_dir, plans, config)
     cases = analysis_cases(run_dir, config, images, labels)
-    dice = _cv_dice(run_dir, config, cases) if images is None else _test_dice(run_dir, plans, config, cases, device)
+    if images is None:
+        dice = _cv_dice(run_dir, config, cases)
+    else:
+        dice = _test_dice(run_dir, plans, config, cases, device=device, mirror_mode=mirror_mode)
     if metadata is not None:
         assert by is not None
         columns = {by: read_metadata(metadata, by)}
@@ -265,6 +270,7 @@ def command(args: argparse.Namespace) -> int:
         labels=args.labels,
         config=args.config,
         device=args.device,
+        mirror_mode=args.mirror,
         n_resamples=args.resamples,
         seed=args.seed,
     )
