@@ -185,6 +185,7 @@ def _figure(analyses: dict[str, dict]):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    analyses = {k: v for k, v in analyses.items() if len(v["groups"]) > 1} or analyses  # one group shows nothing
     fig, axes = plt.subplots(1, len(analyses), figsize=(3.6 * len(analyses), 3.4), squeeze=False)
     for ax, (name, result) in zip(axes[0], analyses.items()):
         table = result["groups"]
@@ -192,7 +193,7 @@ def _figure(analyses: dict[str, dict]):
         errors = np.array([[g["mean_dice"] - g["ci_low"], g["ci_high"] - g["mean_dice"]] for g in table.values()]).T
         ax.errorbar(range(len(table)), means, yerr=errors, fmt="o", capsize=3)
         ax.set_xticks(range(len(table)), [f"{g}\n(n={t['n']})" for g, t in table.items()], fontsize=6, rotation=30)
-        ax.set(ylabel="mean Dice (95% CI)", ylim=(0, 1.02))
+        ax.set(ylabel="mean Dice (95% CI)")
         ax.set_title(f"{name}: permutation p = {result['p_value']:.3g}", fontsize=8)
     fig.tight_layout()
     return fig

@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import SimpleITK as sitk
 
+from autoseg.analysis.common import analysis_cases
 from autoseg.analysis.subgroups import compare_groups, group_difference_test, quartile_groups
 from autoseg.cli import main
 from autoseg.data.io import read_scanner_fields
+from autoseg.errors import DatasetError
 
 
 def test_permutation_test_detects_a_planted_difference_and_not_a_null_one():
@@ -55,3 +58,15 @@ def test_analyze_subgroups_with_metadata_and_from_image_properties(small_run, tm
     assert main(args) == 0
     report = json.loads((copy / "analysis" / "subgroups.json").read_text())
     assert {"spacing_mm", "size_voxels", "intensity_range"} <= set(report["analyses"])
+
+
+def test_a_test_folder_pairs_each_image_with_its_label(small_run, tmp_path):
+    data, run = small_run("2d", ("0",))
+    cases = analysis_cases(run, "2d", data / "imagesTs", data / "labelsTs")
+    assert [(c.id, c.fold, c.label.name) for c in cases] == [
+        ("case_005", None, "case_005.nii.gz"),
+        ("case_006", None, "case_006.nii.gz"),
+    ]
+    (tmp_path / "no_labels").mkdir()
+    with pytest.raises(DatasetError, match="case_005"):
+        analysis_cases(run, "2d", data / "imagesTs", tmp_path / "no_labels")
