@@ -21,6 +21,34 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 SHARED_DATA = SHARED / "data"
 
 
+#: Plan overrides that make training a few iterations long (end-to-end tests).
+TINY = ["training.epochs=1", "training.iterations_per_epoch=3", "training.val_iterations=1"]
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory) -> tuple[Path, Path]:
+    """(dataset, run folder): a tiny synthetic CT dataset (5 training, 2 test cases) run end to end on CPU with two
+    configurations (3d_fullres, 2d), five folds each, a 2-trial search and selection. Shared by the session: tests
+    must not change it (copy what they modify)."""
+    from autoseg.data.synth import make_dataset
+    from autoseg.fingerprint import extract_fingerprint
+    from autoseg.pipeline import run_pipeline
+    from autoseg.planning.planner import make_plans
+    from autoseg.runfolder import record_dataset
+
+    root = tmp_path_factory.mktemp("e2e")
+    data = make_dataset(root / "data", "ct3d", cases=5, test_cases=2, seed=5)
+    run = root / "run"
+    record_dataset(run, data)
+    fp = extract_fingerprint(data, run / "fingerprint.json", workers=1)
+    # a tiny CPU budget (0.05 GFLOP/s) makes the planner choose tiny networks and patches: fast, and exercised
+    plans = make_plans(fp, device="cpu", check_speed=False, cpu_flops=5e7, overrides=TINY)
+    plans.save(run / "plans.json")
+    selection = run_pipeline(data, run, device="cpu", configs=["3d_fullres", "2d"], workers=1, search_trials=2)
+    assert selection is not None
+    return data, run
+
+
 #: Substrings of skip reasons for what CI provides.
 CI_PROVIDES = (
     "../shared",

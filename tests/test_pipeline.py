@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import shutil
 import zipfile
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,25 +21,8 @@ from autoseg.inference.predict import predict_path
 from autoseg.pipeline import run_pipeline
 from autoseg.planning.planner import make_plans
 from autoseg.runfolder import record_dataset
-from tests.conftest import shared_data
+from tests.conftest import TINY, shared_data
 from tests.export.test_report import check_in_chromium, check_page
-
-TINY = ["training.epochs=1", "training.iterations_per_epoch=3", "training.val_iterations=1"]
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("e2e")
-    data = make_dataset(root / "data", "ct3d", cases=5, test_cases=2, seed=5)
-    run = root / "run"
-    record_dataset(run, data)
-    fp = extract_fingerprint(data, run / "fingerprint.json", workers=1)
-    # a tiny CPU budget (0.05 GFLOP/s) makes the planner choose tiny networks and patches: fast, and exercised
-    plans = make_plans(fp, device="cpu", check_speed=False, cpu_flops=5e7, overrides=TINY)
-    plans.save(run / "plans.json")
-    selection = run_pipeline(data, run, device="cpu", configs=["3d_fullres", "2d"], workers=1, search_trials=2)
-    assert selection is not None
-    return data, run
 
 
 def test_run_trains_every_fold_and_selects(trained):

@@ -35,7 +35,9 @@ __all__ = [
     "add_analyze_parser",
     "analysis_cases",
     "analysis_config",
+    "analysis_dir",
     "fold_predictors",
+    "mean_foreground_dice",
     "read_case",
     "save_figure",
     "write_analysis_json",
@@ -142,6 +144,17 @@ def read_case(case: AnalysisCase) -> tuple[np.ndarray, Geometry, np.ndarray]:
     return image, geometry, reference
 
 
+def mean_foreground_dice(labels: np.ndarray, reference: np.ndarray, plans: Plans) -> float:
+    """Mean Dice over the foreground classes (or regions) of one case, ignore-label voxels left out."""
+    import numpy as np
+
+    from autoseg.evaluation.metrics import dice
+
+    keep = reference != plans.ignore_label if plans.ignore_label is not None else np.ones(reference.shape, bool)
+    groups = list(plans.regions.values()) if plans.regions else [(v,) for v in plans.foreground_values]
+    return float(np.mean([dice(np.isin(labels, g) & keep, np.isin(reference, g) & keep) for g in groups]))
+
+
 def analysis_dir(run_dir: Path | str) -> Path:
     """``RUN/analysis``."""
     from autoseg.runfolder import RunFolder
@@ -191,6 +204,12 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-l", "--labels", type=Path, default=None, help="reference labels of the test images")
     p.add_argument("-c", "--config", default=None, help="configuration (default: the selected one)")
     p.add_argument("--device", default="auto")
+    p.add_argument(
+        "--mirror",
+        choices=["auto", "all", "single", "none"],
+        default="auto",
+        help="test-time mirroring, as autoseg predict (auto: all on a GPU, single on a CPU)",
+    )
 
 
 def _calibration_arguments(p: argparse.ArgumentParser) -> None:

@@ -24,6 +24,8 @@ from autoseg.files import atomic_path
 
 __all__ = [
     "IMAGE_ENDINGS",
+    "SCANNER_FIELDS",
+    "read_scanner_fields",
     "file_ending",
     "strip_ending",
     "is_dicom_series",
@@ -257,6 +259,28 @@ def read_header(path: Path | str) -> Geometry:
     _, geometry = _from_sitk(probe)
     shape = tuple(int(s) for s in size[::-1][-3:]) if len(size) >= 3 else (1, int(size[1]), int(size[0]))
     return geometry.with_shape(shape)  # type: ignore[arg-type]
+
+
+#: Header fields that name the scanner, where a file has them: DICOM Manufacturer and ManufacturerModelName, the
+#: NIfTI description (``descrip``, which some converters fill with the scanner or sequence).
+SCANNER_FIELDS = {"manufacturer": "0008|0070", "model": "0008|1090", "description": "descrip"}
+
+
+def read_scanner_fields(path: Path | str) -> dict[str, str]:
+    """The :data:`SCANNER_FIELDS` present and non-empty in the header of an image file or DICOM series folder (its
+    first file); ``{}`` for formats without such fields (TIFF)."""
+    path = Path(path)
+    if path.is_dir():
+        ids = _series_ids(path)
+        if not ids:
+            raise ImageReadError(f"{path}: folder holds no DICOM series")
+        path = Path(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path), ids[0])[0])
+    if file_ending(path) in TIFF_ENDINGS:
+        return {}
+    reader = _header_reader(path)
+    present = {name: key for name, key in SCANNER_FIELDS.items() if reader.HasMetaDataKey(key)}
+    fields = {name: reader.GetMetaData(key).strip() for name, key in present.items()}
+    return {name: value for name, value in fields.items() if value}
 
 
 def read_channel_count(path: Path | str) -> int:

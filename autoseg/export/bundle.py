@@ -6,6 +6,7 @@
     plans.json                            the plan (its search section, which names study files, left out)
     selection.json                        the ensemble to use and its postprocessing
     training_data.json                    the fingerprint's dataset-level summary (DataSummary: no case ids)
+    calibration.json                      temperatures and uncertainty score (autoseg analyze calibration), if any
     models/<config>/fold_<k>/checkpoint_final.pt   weights and the configuration they were trained with, nothing else
     models/<config>/fold_<k>/network.onnx          with ``onnx=True``: the network for onnxruntime (:mod:`.onnx`)
 
@@ -36,6 +37,7 @@ from autoseg.files import atomic_path
 from autoseg.fingerprint import DataSummary, load_fingerprint
 from autoseg.inference.predictor import trained_folds
 from autoseg.inference.selection import Selection, load_selection
+from autoseg.inference.uncertainty import load_calibration
 from autoseg.planning.plans import load_plans
 from autoseg.runfolder import RunFolder
 from autoseg.serialization import to_jsonable
@@ -112,6 +114,8 @@ def export_bundle(
         "plans.json": _json(dataclasses.replace(plans, search=None)),
         "selection.json": _json(chosen),
     }
+    if run.calibration.is_file():
+        files["calibration.json"] = run.calibration.read_bytes()
     if run.fingerprint.is_file():
         files["training_data.json"] = _json(DataSummary.of(load_fingerprint(run.fingerprint)))
     elif run.data_summary.is_file():  # a bundle exported again
@@ -133,7 +137,7 @@ def export_bundle(
         "labels": plans.labels,
         "channels": list(plans.channels),
         "postprocessing": chosen.postprocessing is not None,
-        "temperature": None,
+        "temperature": load_calibration(run.root).temperatures or None,
         "onnx": {"opset": onnx_export.OPSET, "tolerance": onnx_export.TOLERANCE, "members": checks} if onnx else None,
         "files": {
             name: {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)} for name, data in files.items()

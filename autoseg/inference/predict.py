@@ -5,8 +5,9 @@ holds every channel, such as an RGB PNG), or plain ``<case><ending>`` for single
 that hold every channel; a DICOM series folder is one case. Outputs are ``<case><ending>``, and
 ``<case>.dcm`` for a DICOM series: a DICOM-SEG object referencing it (``output_format="nifti"`` writes
 ``<case>.nii.gz`` for every case instead). ``--uncertainty`` adds ``<case>_entropy.nii.gz`` (and
-``<case>_disagreement.nii.gz`` for ensembles) and ``uncertainty.json`` with per-case scores;
-``--save-probabilities`` adds ``<case>.npz``.
+``<case>_disagreement.nii.gz`` for ensembles) and ``uncertainty.json`` with per-case scores,
+``uncertainty`` being the run's default score (the one ``autoseg analyze calibration`` found best at
+flagging poor cases, see :mod:`.uncertainty`); ``--save-probabilities`` adds ``<case>.npz``.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from autoseg.data.io import (
 from autoseg.errors import AutosegError, DatasetError, InferenceError
 from autoseg.files import atomic_path, write_text_atomic
 from autoseg.inference.predictor import Predictor
+from autoseg.inference.uncertainty import DEFAULT_SCORE, flip_volume_cv, load_calibration
 from autoseg.planning.plans import Plans
 from autoseg.runfolder import RunFolder
 from autoseg.serialization import load_json
@@ -306,7 +308,7 @@ def predict_path(
                 write_image(prediction.entropy, geometry, out_dir / f"{case.id}_entropy.nii.gz")
                 if prediction.disagreement is not None:
                     write_image(prediction.disagreement, geometry, out_dir / f"{case.id}_disagreement.nii.gz")
-                scores[case.id] = prediction.scores
+                scores[case.id] = _with_default_score(prediction.scores, predictor, image, geometry)
                 write_text_atomic(score_file, json.dumps(scores, indent=2) + "\n")
             _write_labels(prediction.labels, geometry, target, sources, predictor.plans)  # last: marks the case done
         except OSError as exc:  # a full disk or a lost folder fails every later case too: stop here
@@ -330,6 +332,17 @@ def _write_labels(labels: np.ndarray, geometry: Geometry, target: Path, sources:
         )
     else:
         write_image(labels, geometry, target)
+
+
+def _with_default_score(
+    scores: dict[str, float], predictor: Predictor, image: np.ndarray, geometry: Geometry
+) -> dict[str, float]:
+    """``scores`` plus ``uncertainty``: the run's default score (entropy where the default cannot be computed, as
+    ensemble disagreement for one model)."""
+    name = load_calibration(predictor.run_dir).uncertainty_score
+    if name == "flip_volume_cv":
+        scores = {**scores, name: flip_volume_cv(predictor, image, geometry)}
+    return {**scores, "uncertainty": scores.get(name, scores[DEFAULT_SCORE])}
 
 
 def _reason(exc: BaseException) -> str:

@@ -11,7 +11,7 @@ configurations are averaged, so at most one full-resolution float array per clas
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +26,7 @@ from autoseg.inference.postprocessing import PostprocessingSpec, apply_postproce
 from autoseg.inference.selection import load_selection
 from autoseg.inference.sliding_window import sliding_window_logits, sliding_window_rows
 from autoseg.inference.streaming import can_stream, labels_from_bands, mean_bands, paint_labels
+from autoseg.inference.uncertainty import load_calibration
 from autoseg.networks.builder import build_network
 from autoseg.planning.plans import Configuration, Plans, load_plans
 from autoseg.preprocessing.preprocess import preprocess_case, revert
@@ -99,8 +100,11 @@ def trained_folds(run_dir: Path, config: str, checkpoint: str = "final") -> list
     return sorted(folds, key=lambda f: (f == "all", f))
 
 
-def _to_probabilities_(logits: torch.Tensor, *, regions: bool) -> torch.Tensor:
-    """Softmax over channels (sigmoid for regions), in place: no second full-size array."""
+def _to_probabilities_(logits: torch.Tensor, *, regions: bool, temperature: float = 1.0) -> torch.Tensor:
+    """Softmax over channels (sigmoid for regions) of ``logits / temperature``, in place: no second full-size
+    array."""
+    if temperature != 1.0:
+        logits /= temperature
     if regions:
         return logits.sigmoid_()
     logits -= logits.max(0, keepdim=True).values
@@ -144,6 +148,8 @@ class Predictor:
     precision : forward-pass precision, see :func:`inference_dtype`.
     engine : ``torch``, or ``onnxruntime``: each member's ``network.onnx`` (``autoseg export --onnx``) computes the
         forward passes, in float32 on the CPU, with as many threads as torch; everything else is the same.
+    temperatures : logits / T before the softmax, by configuration (default: ``RUN/calibration.json``, written by
+        ``autoseg analyze calibration``; T = 1 where it has none). ``{}`` predicts uncalibrated.
     """
 
     def __init__(
@@ -161,6 +167,7 @@ class Predictor:
         plans: Plans | None = None,
         precision: str = "auto",
         engine: str = "torch",
+        temperatures: Mapping[str, float] | None = None,
     ):
         self.run_dir = Path(run_dir)
         self.plans = plans or load_plans(self.run_dir)
@@ -170,6 +177,7 @@ class Predictor:
         if engine == "onnxruntime":
             _check_onnx_options(device, precision, checkpoint)
             device, precision = "cpu", "fp32"
+        self.temperatures = dict(load_calibration(self.run_dir).temperatures if temperatures is None else temperatures)
         self.device = resolve_device(device)
         if mirror_mode == "auto":
             mirror_mode = "all" if self.device.type == "cuda" else "single"
@@ -266,7 +274,8 @@ class Predictor:
                 logits = torch.stack([window(data[:, z]) for z in range(data.shape[1])], dim=1)
             else:
                 logits = window(data)
-            probs = _to_probabilities_(logits, regions=bool(self.plans.regions)).numpy()
+            temperature = self.temperatures.get(c.name, 1.0)
+            probs = _to_probabilities_(logits, regions=bool(self.plans.regions), temperature=temperature).numpy()
             member_labels.append(probabilities_to_labels(probs, self.plans))
             if mean is None:
                 mean = probs
@@ -305,10 +314,11 @@ class Predictor:
 
         def bands(member: Member):
             c = member.configuration
+            temperature = self.temperatures.get(c.name, 1.0)
             for first, logits in sliding_window_rows(
                 member.network, data, c.patch_size, self.plans.n_outputs, **self._window(c)
             ):
-                yield first, _to_probabilities_(logits, regions=regions).numpy()
+                yield first, _to_probabilities_(logits, regions=regions, temperature=temperature).numpy()
 
         streams = mean_bands([bands(m) for m in members])
         return labels_from_bands(streams, props, region_order=_region_order(self.plans), dtype=_label_dtype(self.plans))
