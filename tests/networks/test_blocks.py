@@ -26,8 +26,8 @@ def test_builtin_names():
 
 
 def test_unknown_name_lists_the_valid_ones():
-    with pytest.raises(ConfigError, match="unknown block 'dense'.*plain, residual"):
-        get_block("dense")
+    with pytest.raises(ConfigError, match="unknown block 'unet3000'; valid names: attention, convnext, dense, hybrid, multiscale, plain, residual"):
+        get_block("unet3000")
     with pytest.raises(ConfigError, match="unknown norm 'group'.*batch, instance"):
         get_norm("group")
 
