@@ -29,7 +29,14 @@ from torch.nn import functional as F
 from autoseg.errors import ConfigError
 from autoseg.networks.blocks import BlockType, ConvNormAct, LayerOps, get_block, register_block
 
-__all__ = ["AttentionGate", "MultiScaleContext", "DenseStage", "ConvNeXtBlock", "TransformerBottleneck"]
+__all__ = [
+    "AttentionGate",
+    "MultiScaleContext",
+    "DenseStage",
+    "ConvNeXtBlock",
+    "TransformerLayer",
+    "TransformerBottleneck",
+]
 
 #: Dilations of the multi-scale bottleneck's 3x3 branches (a 1x1 branch runs beside them).
 DILATIONS = (1, 2, 4)
@@ -111,8 +118,32 @@ class ConvNeXtBlock(nn.Module):
         return x + self.compress(self.act(self.expand(self.norm(self.dw(x)))))
 
 
+class TransformerLayer(nn.Module):
+    """Pre-norm transformer layer: ``x + proj(attention(norm(x)))``, then ``x + mlp(norm(x))`` (GELU, x2 width).
+
+    Attention is :func:`torch.nn.functional.scaled_dot_product_attention`, which runs fused kernels on CPU and
+    CUDA (no tokens x tokens matrix is kept for backward).
+    """
+
+    def __init__(self, channels: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(channels)
+        self.qkv = nn.Linear(channels, 3 * channels)
+        self.proj = nn.Linear(channels, channels)
+        self.norm2 = nn.LayerNorm(channels)
+        self.mlp = nn.Sequential(nn.Linear(channels, 2 * channels), nn.GELU(), nn.Linear(2 * channels, channels))
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, n, c = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        attended = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c)
+        x = x + self.proj(attended)
+        return x + self.mlp(self.norm2(x))
+
+
 class TransformerBottleneck(nn.Module):
-    """Pre-norm transformer layers over the bottleneck voxels as tokens, with a learned positional encoding of
+    """Transformer layers over the bottleneck voxels as tokens, with a learned positional encoding of
     ``token_grid`` (resized by linear interpolation when the input's bottleneck has another size)."""
 
     def __init__(self, channels: int, token_grid: Sequence[int], layers: int = TRANSFORMER_LAYERS) -> None:
@@ -121,10 +152,7 @@ class TransformerBottleneck(nn.Module):
         self.token_grid = tuple(int(t) for t in token_grid)
         self.position = nn.Parameter(torch.zeros(1, channels, *self.token_grid))
         nn.init.trunc_normal_(self.position, std=0.02)
-        layer = nn.TransformerEncoderLayer(
-            channels, heads, 2 * channels, dropout=0.0, activation="gelu", batch_first=True, norm_first=True
-        )
-        self.transformer = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.layers = nn.Sequential(*(TransformerLayer(channels, heads) for _ in range(layers)))
 
     def forward(self, x: Tensor) -> Tensor:
         grid = tuple(x.shape[2:])
@@ -133,8 +161,7 @@ class TransformerBottleneck(nn.Module):
             mode = "bilinear" if len(grid) == 2 else "trilinear"
             position = F.interpolate(position, size=grid, mode=mode, align_corners=False)
         tokens = (x + position).flatten(2).transpose(1, 2)  # (B, N, C)
-        out = self.transformer(tokens)
-        return out.transpose(1, 2).reshape(x.shape)
+        return self.layers(tokens).transpose(1, 2).reshape(x.shape)
 
 
 def _convnext_stage(ops: LayerOps, c_in: int, c_out: int, kernel: Sequence[int], stride: Sequence[int], n: int):
