@@ -35,7 +35,8 @@ Checked against :func:`measure_training_memory` (``benchmarks/memory_model.py``,
 ``benchmarks/results/``): within 1 % on the CPU over 2D/3D, plain/residual plans of 0.4-2.5 GB, and within 1 %
 on an H100 (bf16, fp16, fp32; 5-43 GB). The other architecture families (attention, multiscale, dense, convnext,
 hybrid) get their node list from a forward pass traced on the meta device (:mod:`autoseg.planning.trace`) and the
-same replay: within 0.3 % of the CPU peak for 2D and 3D (``benchmarks/memory_model.py --families``). The breakdown in :class:`MemoryEstimate` is taken at the peak. On CUDA
+same replay: within 0.3 % of the CPU peak for 2D and 3D (``benchmarks/memory_model.py --families``).
+The breakdown in :class:`MemoryEstimate` is taken at the peak. On CUDA
 it targets ``torch.cuda.max_memory_allocated``: the CUDA context and the caching allocator's free blocks are not
 counted, so plan with a margin below the card's memory.
 """

@@ -67,33 +67,37 @@ def traced_walk(spec: NetworkSpec, in_channels: int, n_outputs: int, patch_size:
     skip_release: list[tuple[int, int]] = []  # (encoder stage index, skip gradient elements)
     stage_end: dict[int, int] = {}
 
+    inside: list[_Layer] = []  # the leaf module running now (leaves do not nest)
+
     def charge(t: torch.Tensor) -> torch.Tensor:
         storage = t.untyped_storage()
         if storage._cdata not in seen and storage.nbytes() > 0:
             seen.add(storage._cdata)
-            if not w.layers or w.layers[-1].kind == "loss":
-                w.layers.append(_Layer("act"))
-            w.layers[-1].saved += storage.nbytes() // t.element_size()
+            if not inside:  # a functional op between modules (concatenation, gating product, attention)
+                w.layers.append(_Layer("act", out=t.numel()))
+            (inside or w.layers)[-1].saved += storage.nbytes() // t.element_size()
         return t
 
-    def leaf(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
-        inp, n_out = args[0].numel(), out.numel()
-        params = sum(p.numel() for p in module.parameters(recurse=False))
+    def enter(module: nn.Module, args: tuple) -> None:
+        inside.append(_Layer("act"))
+        w.layers.append(inside[-1])
+
+    def leave(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+        layer = inside.pop()
+        layer.out, layer.inp = out.numel(), args[0].numel()
+        layer.params = sum(p.numel() for p in module.parameters(recurse=False))
         if isinstance(module, _CONVS):
             transposed = isinstance(module, (nn.ConvTranspose2d, nn.ConvTranspose3d))
             c_in, kernel = args[0].shape[1] // module.groups, module.kernel_size
             small = _native_small(args[0].shape[1], args[0].shape[2:], kernel)
-            im2col = c_in * math.prod(kernel) * math.prod(out.shape[2:]) if small and not transposed else 0
-            layer = _Layer("conv", out=n_out, inp=inp, params=params, weights=params, im2col=im2col)
-        else:  # a norm's backward: input gradient plus one temporary; in-place on a view: see memory's docstring
-            layer = _Layer("act", out=n_out, inp=inp, params=params)
-            if isinstance(module, _NORMS):
-                layer.act_buffers = 2
-            elif getattr(module, "inplace", False):
-                layer.act_buffers = 3 if args[0]._base is not None else 1
-        w.layers.append(layer)
+            layer.kind, layer.weights = "conv", layer.params
+            layer.im2col = c_in * math.prod(kernel) * math.prod(out.shape[2:]) if small and not transposed else 0
+        elif isinstance(module, _NORMS):  # a norm's backward: input gradient plus one temporary
+            layer.act_buffers = 2
+        elif getattr(module, "inplace", False):  # in place on a view: see the memory module's docstring
+            layer.act_buffers = 3 if args[0]._base is not None else 1
         if id(module) in heads:
-            w.held += n_out
+            w.held += layer.out
             w.scales.append(math.prod(out.shape[2:]))
 
     def encoder_done(i: int):
@@ -106,7 +110,8 @@ def traced_walk(spec: NetworkSpec, in_channels: int, n_outputs: int, patch_size:
     def decoder_start(module: nn.Module, args: tuple) -> None:
         w.layers.append(_Layer("concat", skip_grad=args[0].numel()))
 
-    handles = [m.register_forward_hook(leaf) for m in net.modules() if not any(m.children())]
+    leaves = [m for m in net.modules() if not any(m.children())]
+    handles = [m.register_forward_pre_hook(enter) for m in leaves] + [m.register_forward_hook(leave) for m in leaves]
     handles += [stage.register_forward_hook(encoder_done(i)) for i, stage in enumerate(net.encoder)]
     handles += [d.register_forward_pre_hook(decoder_start) for d in net.decoder]
     try:
