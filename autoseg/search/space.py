@@ -230,8 +230,8 @@ def _architecture(
     found = None
     for shrink in (False, True):
         for repair in (1.0, *REPAIR_WIDTHS[: None if shrink else 2]):
-            trial = {**params, "width_scale": params["width_scale"] * repair}
-            found = _fit(c, trial, limits, topo, batch, wanted, usable, shrink=shrink)
+            narrower = {**params, "width_scale": params["width_scale"] * repair}
+            found = _fit(c, narrower, limits, topo, batch, wanted, usable, shrink=shrink)
             if found is not None:
                 break
         if found is not None:
@@ -242,12 +242,13 @@ def _architecture(
         if first != (topo.patch_size, fitting):
             notes.append(f"patch {list(first[0])} batch {first[1]} repaired to fit the budget")
         if repair != 1.0:
-            notes.append(f"{params['block']} features x{repair:g} (width x{trial['width_scale']:g}) to fit the budget")
-        return _network(c, topo, trial), tuple(topo.patch_size), fitting, notes
+            width = narrower["width_scale"]
+            notes.append(f"{params['block']} features x{repair:g} (width x{width:g}) to fit the budget")
+        return _network(c, topo, narrower), tuple(topo.patch_size), fitting, notes
     target = limits.seconds_target(c.ndim)
     raise PlanningError(
-        f"search: no patch of {c.name} fits the budget with width x{params['width_scale']} (repaired down to "
-        f"x{params['width_scale'] * REPAIR_WIDTHS[-1]:g} tried), {params['block']} blocks and depth "
+        f"search: no patch of {c.name} fits the budget with width x{params['width_scale']} (fewer features down to "
+        f"width x{params['width_scale'] * REPAIR_WIDTHS[-1]:g} tried), {params['block']} blocks and depth "
         f"{params['depth_delta']:+d} (memory {limits.budget.memory_limit() / 2**30:.1f} GB"
         + (f", {target:g} s per step on this CPU)" if target else ")")
         + f": family {params['block']!r} excluded for this point"
