@@ -24,13 +24,21 @@ from autoseg.files import write_text_atomic
 
 T = TypeVar("T")
 
-__all__ = ["to_jsonable", "from_jsonable", "save_json", "load_json", "field_type", "coerce"]
+#: Field metadata key: a field marked ``metadata={OMIT_DEFAULT: True}`` is left out of the JSON while it holds its
+#: default, so that adding an optional field keeps the files written before it byte-identical.
+OMIT_DEFAULT = "omit_default"
+
+__all__ = ["OMIT_DEFAULT", "to_jsonable", "from_jsonable", "save_json", "load_json", "field_type", "coerce"]
 
 
 def to_jsonable(obj: Any) -> Any:
     """Convert dataclasses, numpy values, tuples and paths into JSON-ready Python values (recursively)."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: to_jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        return {
+            f.name: to_jsonable(getattr(obj, f.name))
+            for f in dataclasses.fields(obj)
+            if not (f.metadata.get(OMIT_DEFAULT) and getattr(obj, f.name) == f.default)
+        }
     if isinstance(obj, Mapping):
         return {str(k): to_jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):

@@ -101,14 +101,14 @@ def write_results(name: str, payload: dict) -> Path:
     return path
 
 
-def add_run(name: str, header: dict, group: str, key: str, entry: dict) -> Path:
+def add_run(name: str, header: dict, group: str, key: str, entry: dict, *, folder: Path = RESULTS) -> Path:
     """Add ``entry`` as ``runs[group][key]`` of ``results/<name>.json``, keeping every run already there.
 
     ``header`` says what the file holds (e.g. the dataset); a new file starts with it and an existing file must have
     the same, else ValueError (use another name). An entry already under ``group``/``key`` is replaced, with a notice.
     """
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.json"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.json"
     data = json.loads(path.read_text()) if path.is_file() else {**header, "runs": {}}
     differs = {k: (data.get(k), v) for k, v in header.items() if data.get(k) != v}
     if differs:

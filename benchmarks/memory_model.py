@@ -1,7 +1,10 @@
 """Memory model check: estimated vs measured peak training memory over realistic U-Net plans.
 
     python benchmarks/memory_model.py [--device cpu|cuda] [--quick] [--precision fp32|fp16|bf16]
-                                      [--cudnn-benchmark on|off] [--out FILE]
+                                      [--cudnn-benchmark on|off] [--out FILE] [--families]
+
+``--families`` checks every registered architecture family instead (2D and 3D, a small 4-stage network per
+family on the CPU, a Hippocampus-sized one on CUDA); results go to memory_model_families_<device>.json.
 
 Each plan runs one warm-up and one measured training step (forward, Dice + CE at every deep-supervision scale,
 backward, gradient clipping, SGD with momentum); see :func:`autoseg.planning.memory.measure_training_memory`.
@@ -97,6 +100,25 @@ CUDA_PLANS = [  # --quick runs the first four (about 50 GB of measurements in al
 QUICK = {"cpu": 3, "cuda": 4}
 
 
+def family_plans(device: str) -> list:
+    """One 3D and one 2D plan per registered family (4 stages), sized for the device."""
+    from autoseg.networks import list_blocks
+
+    width, p3, p2, b3, b2 = (
+        (32, (64, 96, 96), (256, 256), 2, 16) if device == "cuda" else (16, (32, 48, 64), (128, 160), 2, 8)
+    )
+    plans = []
+    for family in list_blocks():
+        for patch, batch, kernel in ((p3, b3, K3), (p2, b2, K2)):
+            ndim = len(patch)
+            feats = tuple(width * 2**i for i in range(4))
+            strides = [(1,) * ndim] + [(2,) * ndim] * 3
+            grid = tuple(p // 8 for p in patch) if family == "hybrid" else None
+            spec = _spec(feats, [kernel] * 4, strides, [2] * 4, [2] * 3, block=family, bottleneck_tokens=grid)
+            plans.append((f"{ndim}d {family} {'x'.join(map(str, patch))} b{batch}", spec, 1, 3, patch, batch, None))
+    return plans
+
+
 def _machine(device: str) -> dict:
     info = {"torch": torch.__version__, "threads": torch.get_num_threads()}
     if device == "cuda":
@@ -157,9 +179,11 @@ def main() -> None:
     )
     parser.add_argument("--cudnn-benchmark", choices=["on", "off"], default="on")
     parser.add_argument("--out", type=Path, default=None, help="results file (default benchmarks/results/...)")
+    parser.add_argument("--families", action="store_true", help="every registered architecture family instead")
     args = parser.parse_args()
     torch.backends.cudnn.benchmark = args.cudnn_benchmark == "on"
-    out = args.out or RESULTS / f"memory_model_{args.device}.json"
+    stem = "memory_model_families" if args.families else "memory_model"
+    out = args.out or RESULTS / f"{stem}_{args.device}.json"
     header = {
         "machine": machine(),
         "date": time.strftime("%Y-%m-%d %H:%M"),
@@ -170,6 +194,8 @@ def main() -> None:
     }
     default_precision = args.precision or ("bf16" if args.device == "cuda" else "fp32")
     plans = CUDA_PLANS if args.device == "cuda" else CPU_PLANS
+    if args.families:
+        plans = family_plans(args.device)
     if args.quick:
         plans = plans[: QUICK[args.device]]
     limit = int(0.9 * torch.cuda.get_device_properties(0).total_memory) if args.device == "cuda" else None

@@ -1,5 +1,7 @@
-"""U-Net family: registered blocks, norms and nonlinearities; networks built from primitives or a plan."""
+"""U-Net families: registered architectures (blocks), norms and nonlinearities; networks built from primitives or a
+plan."""
 
+from autoseg.networks import families  # noqa: F401  (registers the families beyond plain and residual)
 from autoseg.networks.blocks import (
     BlockType,
     get_block,

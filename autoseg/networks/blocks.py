@@ -4,7 +4,9 @@ Three registries map a name in the plan to a small factory:
 
 - norms (``instance``, ``batch``): ``factory(ndim, channels) -> nn.Module``;
 - nonlinearities (``leaky_relu``, ``relu``, ``gelu``): ``factory() -> nn.Module``;
-- blocks (``plain``, ``residual``): a :class:`BlockType` whose ``build_stage`` makes one encoder stage.
+- blocks, the architecture families (``plain``, ``residual`` here; ``attention``, ``multiscale``, ``dense``,
+  ``convnext``, ``hybrid`` in :mod:`autoseg.networks.families`): a :class:`BlockType` whose ``build_stage``
+  makes one encoder stage, with an optional gate on the skip connections and an optional bottleneck module.
 
 Registering a name twice raises, and asking for an unknown name raises an error that lists the valid ones.
 """
@@ -13,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from torch import Tensor, nn
 
@@ -123,13 +125,25 @@ class LayerOps:
     conv_bias: bool = True
 
     def conv(
-        self, c_in: int, c_out: int, kernel: Sequence[int], stride: Sequence[int], bias: bool | None = None
+        self,
+        c_in: int,
+        c_out: int,
+        kernel: Sequence[int],
+        stride: Sequence[int],
+        bias: bool | None = None,
+        *,
+        dilation: Sequence[int] | None = None,
+        groups: int = 1,
     ) -> nn.Module:
-        """Convolution with 'same' padding (``(k - 1) // 2``)."""
+        """Convolution with 'same' padding (``dilation * (k - 1) // 2``)."""
         cls: Callable[..., nn.Module] = {2: nn.Conv2d, 3: nn.Conv3d}[self.ndim]
-        padding = [(k - 1) // 2 for k in kernel]
+        dilation = tuple(dilation) if dilation is not None else (1,) * self.ndim
+        padding = [d * (k - 1) // 2 for k, d in zip(kernel, dilation)]
         bias = self.conv_bias if bias is None else bias
-        return cls(c_in, c_out, tuple(kernel), tuple(stride), padding=tuple(padding), bias=bias)
+        kw: dict[str, Any] = {"dilation": dilation} if any(d != 1 for d in dilation) else {}
+        if groups != 1:
+            kw["groups"] = groups
+        return cls(c_in, c_out, tuple(kernel), tuple(stride), padding=tuple(padding), bias=bias, **kw)
 
     def transposed_conv(self, c_in: int, c_out: int, stride: Sequence[int]) -> nn.Module:
         """Upsampling by ``stride`` with kernel size = stride."""
@@ -186,19 +200,31 @@ class BasicResidualBlock(nn.Module):
 
 
 StageBuilder = Callable[[LayerOps, int, int, Sequence[int], Sequence[int], int], nn.Module]
+#: ``gate(ops, c_skip, c_gate) -> module``; the module's ``forward(skip, gate)`` returns the gated skip.
+GateBuilder = Callable[[LayerOps, int, int], nn.Module]
+#: ``bottleneck(ops, channels, kernel, token_grid) -> module`` applied to the last encoder stage's output.
+BottleneckBuilder = Callable[[LayerOps, int, Sequence[int], Sequence[int] | None], nn.Module]
 
 
 @dataclass(frozen=True)
 class BlockType:
-    """How encoder stages are built.
+    """An architecture family: how encoder stages are built, plus optional skip gates and bottleneck.
 
     ``build_stage(ops, c_in, c_out, kernel, stride, n)`` returns one stage whose first layer applies ``stride``.
     ``stem``: a single conv-norm-nonlinearity (input channels -> first stage's features, stride 1) runs before the
-    first stage.
+    first stage. ``skip_gate`` gates every skip connection with the upsampled decoder features; ``bottleneck`` runs
+    after the last encoder stage. ``encoder_blocks`` / ``decoder_convs``: the planner's default blocks per encoder
+    stage (None: two) and convolutions per decoder stage. ``needs_tokens``: the bottleneck needs the plan's token
+    grid (the bottleneck feature-map size), e.g. for a positional encoding.
     """
 
     build_stage: StageBuilder
     stem: bool = False
+    skip_gate: GateBuilder | None = None
+    bottleneck: BottleneckBuilder | None = None
+    encoder_blocks: tuple[int, ...] | None = None
+    decoder_convs: int = 2
+    needs_tokens: bool = False
 
 
 _BLOCKS: Registry[BlockType] = Registry("block")
@@ -232,4 +258,10 @@ def _residual_stage(ops: LayerOps, c_in: int, c_out: int, kernel: Sequence[int],
 
 
 register_block("plain", BlockType(build_stage=_plain_stage))
-register_block("residual", BlockType(build_stage=_residual_stage, stem=True))
+#: Encoder blocks per stage of a residual U-Net (nnU-Net's ResEnc presets); plain U-Nets use two convolutions.
+RESIDUAL_BLOCKS = (1, 3, 4, 6, 6, 6, 6, 6, 6, 6, 6, 6)
+
+register_block(
+    "residual",
+    BlockType(build_stage=_residual_stage, stem=True, encoder_blocks=RESIDUAL_BLOCKS, decoder_convs=1),
+)

@@ -9,7 +9,7 @@ __all__ = ["build_network"]
 
 
 def build_network(spec: NetworkSpec, in_channels: int, n_outputs: int) -> UNet:
-    """Build the U-Net that ``spec`` describes.
+    """Build the U-Net of the architecture family (``spec.block``) that ``spec`` describes.
 
     Parameters
     ----------
@@ -39,4 +39,5 @@ def build_network(spec: NetworkSpec, in_channels: int, n_outputs: int) -> UNet:
         nonlin=spec.nonlin,
         deep_supervision=spec.deep_supervision,
         conv_bias=spec.conv_bias,
+        bottleneck_tokens=spec.bottleneck_tokens,
     )

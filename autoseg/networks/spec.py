@@ -6,6 +6,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from autoseg.serialization import OMIT_DEFAULT
+
 __all__ = ["GRAD_CLIP", "LossSpec", "NetworkSpec", "stride_product"]
 
 #: Gradient-norm clipping of training (``training.grad_clip``'s default) and of the planner's probes.
@@ -24,9 +26,12 @@ def stride_product(strides: Sequence[Sequence[int]]) -> tuple[int, ...]:
 class NetworkSpec:
     """A U-Net: encoder stages (convolution blocks + downsampling by ``strides``), mirrored decoder.
 
-    ``block`` names an entry of the block registry (``plain``: ``n_conv_per_stage`` convolutions per encoder
-    stage; ``residual``: ``n_conv_per_stage`` residual blocks of two convolutions). ``strides[0]`` is the stride
-    of the first stage (all ones: no downsampling before the first stage).
+    ``block`` names the architecture family, an entry of the block registry (``plain``: ``n_conv_per_stage``
+    convolutions per encoder stage; ``residual``: ``n_conv_per_stage`` residual blocks of two convolutions;
+    ``attention``, ``multiscale``, ``dense``, ``convnext``, ``hybrid``: see :mod:`autoseg.networks.families`).
+    ``strides[0]`` is the stride of the first stage (all ones: no downsampling before the first stage).
+    ``bottleneck_tokens``: the bottleneck feature-map size of the planned patch, for families that size a
+    positional encoding from it (``hybrid``); left out of ``plans.json`` when None.
     """
 
     n_stages: int
@@ -40,6 +45,7 @@ class NetworkSpec:
     nonlin: str = "leaky_relu"
     deep_supervision: bool = True
     conv_bias: bool = True
+    bottleneck_tokens: tuple[int, ...] | None = field(default=None, metadata={OMIT_DEFAULT: True})
 
     @property
     def ndim(self) -> int:

@@ -43,12 +43,15 @@ class UNet(nn.Module):
     n_conv_per_stage_decoder
         Plain convolutions per decoder stage, listed from the bottleneck upwards (as nnU-Net).
     block, norm, nonlin
-        Names in the block, norm and nonlinearity registries (:mod:`autoseg.networks.blocks`).
+        Names in the block (architecture family), norm and nonlinearity registries (:mod:`autoseg.networks.blocks`,
+        :mod:`autoseg.networks.families`).
     deep_supervision
         When True, ``forward`` returns one logits tensor per decoder stage, highest resolution first; else the
         full-resolution logits only. An attribute: switch it off for inference.
     conv_bias
         Bias in every convolution of the encoder and decoder (heads always have one).
+    bottleneck_tokens
+        Bottleneck feature-map size of the planned patch, for families whose bottleneck needs it (``hybrid``).
     """
 
     def __init__(
@@ -67,6 +70,7 @@ class UNet(nn.Module):
         nonlin: str = "leaky_relu",
         deep_supervision: bool = True,
         conv_bias: bool = True,
+        bottleneck_tokens: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         if n_stages < 2:
@@ -101,6 +105,12 @@ class UNet(nn.Module):
             )
             self.encoder.append(stage)
             c_in = features_per_stage[i]
+        self.bottleneck = (
+            block_type.bottleneck(ops, features_per_stage[-1], kernel_sizes[-1], bottleneck_tokens)
+            if block_type.bottleneck is not None
+            else None
+        )
+        self.gates = nn.ModuleList()
         # decoder stage j (j = 0 next to the bottleneck) upsamples stage s+1 to stage s = n_stages - 2 - j
         self.upsample = nn.ModuleList()
         self.decoder = nn.ModuleList()
@@ -108,6 +118,8 @@ class UNet(nn.Module):
         for j, s in enumerate(range(n_stages - 2, -1, -1)):
             c = features_per_stage[s]
             self.upsample.append(ops.transposed_conv(features_per_stage[s + 1], c, strides[s + 1]))
+            if block_type.skip_gate is not None:
+                self.gates.append(block_type.skip_gate(ops, c, c))
             n = n_conv_per_stage_decoder[j]
             convs = [ConvNormAct(ops, 2 * c if i == 0 else c, c, kernel_sizes[s], ones) for i in range(n)]
             self.decoder.append(nn.Sequential(*convs))
@@ -132,10 +144,15 @@ class UNet(nn.Module):
         for stage in self.encoder:
             x = stage(x)
             skips.append(x)
+        if self.bottleneck is not None:
+            x = self.bottleneck(x)
         outputs = []
         n_dec = len(self.decoder)
         for j in range(n_dec):
-            x = self.decoder[j](torch.cat((self.upsample[j](x), skips[-(j + 2)]), dim=1))
+            up, skip = self.upsample[j](x), skips[-(j + 2)]
+            if len(self.gates):
+                skip = self.gates[j](skip, up)
+            x = self.decoder[j](torch.cat((up, skip), dim=1))
             if self.deep_supervision or j == n_dec - 1:
                 outputs.append(self.heads[j](x))
         if not self.deep_supervision:

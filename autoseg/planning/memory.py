@@ -33,13 +33,17 @@ Gradient buffers per node, read off allocation timelines of real steps (``torch.
 
 Checked against :func:`measure_training_memory` (``benchmarks/memory_model.py``, results in
 ``benchmarks/results/``): within 1 % on the CPU over 2D/3D, plain/residual plans of 0.4-2.5 GB, and within 1 %
-on an H100 (bf16, fp16, fp32; 5-43 GB). The breakdown in :class:`MemoryEstimate` is taken at the peak. On CUDA
+on an H100 (bf16, fp16, fp32; 5-43 GB). The other architecture families (attention, multiscale, dense, convnext,
+hybrid) get their node list from a forward pass traced on the meta device (:mod:`autoseg.planning.trace`) and the
+same replay: within 0.3 % of the CPU peak for 2D and 3D (``benchmarks/memory_model.py --families``).
+The breakdown in :class:`MemoryEstimate` is taken at the peak. On CUDA
 it targets ``torch.cuda.max_memory_allocated``: the CUDA context and the caching allocator's free blocks are not
 counted, so plan with a margin below the card's memory.
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 from collections.abc import Sequence
@@ -66,7 +70,8 @@ CUDNN_WORKSPACE_BYTES = 64 * 2**20
 
 _PRECISIONS = {"fp32": 4, "fp16": 2, "bf16": 2}
 _DEVICES = ("cpu", "cuda")
-_SUPPORTED_BLOCKS = ("plain", "residual")
+#: Families walked analytically; the others are traced on the meta device (:mod:`autoseg.planning.trace`).
+_ANALYTIC_BLOCKS = ("plain", "residual")
 #: PyTorch's CPU convolution takes its native im2col path for fp32, batch 1 and N*C*D*H (2D: N*C*H*W) <= this
 #: (``use_mkldnn`` in ATen's Convolution.cpp).
 _NATIVE_CONV_MAX = 20480
@@ -131,7 +136,7 @@ class _Walk:
         self.macs += w * (math.prod(size_in) if transposed else v_out)
         layer = _Layer("conv", out=c_out * v_out, inp=c_in * math.prod(size_in), params=w + c_out * bias)
         layer.weights = layer.params
-        small = c_in * math.prod(size_in[:2]) <= _NATIVE_CONV_MAX and not (kernel[-1] > 3 and kernel[-2] > 3)
+        small = _native_small(c_in, size_in, kernel)
         layer.im2col = c_in * math.prod(kernel) * v_out if small and not transposed else 0
         self.layers.append(layer)
         return layer
@@ -145,6 +150,11 @@ class _Walk:
         layer.saved_fp32 = 3 * c_out  # mean, inverse std, per-sample weight
         layer.act_buffers = self.act_buffers if act else 0
         return layer
+
+
+def _native_small(c_in: int, size_in: Sequence[int], kernel: Sequence[int]) -> bool:
+    """Whether a CPU fp32 batch-1 convolution takes PyTorch's native im2col path (small inputs, small kernels)."""
+    return c_in * math.prod(size_in[:2]) <= _NATIVE_CONV_MAX and not (kernel[-1] > 3 and kernel[-2] > 3)
 
 
 def _conv_out(size: Sequence[int], kernel: Sequence[int], stride: Sequence[int]) -> tuple[int, ...]:
@@ -178,10 +188,12 @@ def _residual_block(w: _Walk, c_in: int, c_out: int, k, size_in, stride, bias: b
 
 
 def _walk(spec: NetworkSpec, in_channels: int, n_outputs: int, patch_size: Sequence[int]) -> _Walk:
-    if spec.block not in _SUPPORTED_BLOCKS:
-        raise PlanningError(f"network.block {spec.block!r} has no memory model; supported: {_SUPPORTED_BLOCKS}")
     if len(patch_size) != spec.ndim:
         raise PlanningError(f"patch_size {tuple(patch_size)} has {len(patch_size)} axes; the network is {spec.ndim}D")
+    if spec.block not in _ANALYTIC_BLOCKS:
+        from autoseg.planning.trace import traced_walk  # imports this module's node types
+
+        return copy.deepcopy(traced_walk(spec, in_channels, n_outputs, tuple(int(p) for p in patch_size)))
     per_channel, inplace, buffers = _traits(spec.norm, spec.nonlin, spec.ndim)
     w = _Walk(spec.ndim, norm_per_channel=per_channel, act_buffers=buffers, nonlin_inplace=inplace)
     ones, feats, bias = [1] * spec.ndim, spec.features_per_stage, spec.conv_bias
@@ -227,8 +239,8 @@ def _in_flight(layer: _Layer, device: str, native_conv: bool) -> tuple[int, int]
         return 0, layer.saved_fp32
     if layer.kind == "concat":
         return 0, 0
-    if layer.kind == "act":
-        return 2 * layer.out, 0
+    if layer.kind == "act":  # output and input gradient, or the buffers of a norm / in-place nonlinearity
+        return (1 + (layer.act_buffers or 1)) * layer.out, 0
     # convolution: output and input gradients; on CPU oneDNN reorders input and output gradient (or the native
     # path builds im2col columns); CUDA's cuDNN workspace is a separate allowance
     conv = layer.out + layer.inp

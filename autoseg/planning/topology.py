@@ -27,6 +27,8 @@ from typing import Literal
 
 import numpy as np
 
+from autoseg.networks import get_block
+from autoseg.networks.blocks import RESIDUAL_BLOCKS
 from autoseg.planning.plans import NetworkSpec
 
 __all__ = [
@@ -38,8 +40,7 @@ __all__ = [
     "conv_feature_map_voxels",
 ]
 
-#: Encoder blocks per stage of a residual U-Net (nnU-Net's ResEnc presets); plain U-Nets use two convolutions.
-RESIDUAL_BLOCKS = (1, 3, 4, 6, 6, 6, 6, 6, 6, 6, 6, 6)
+__all__ += ["RESIDUAL_BLOCKS"]
 
 
 @dataclass(frozen=True)
@@ -157,16 +158,20 @@ def unet_for_topology(
     encoder: Sequence[int] | None = None,
     decoder: Sequence[int] | None = None,
 ) -> NetworkSpec:
-    """U-Net on ``topology``: ``base`` features doubling per stage up to ``max_features``.
+    """U-Net of architecture family ``block`` on ``topology``: ``base`` features doubling per stage up to
+    ``max_features``.
 
-    ``encoder`` / ``decoder`` (convolutions or residual blocks per stage) default to two convolutions per stage for
-    plain blocks and to :data:`RESIDUAL_BLOCKS` with one decoder convolution for residual ones.
+    ``encoder`` / ``decoder`` (blocks per encoder stage, convolutions per decoder stage) default to the family's
+    registered defaults: two convolutions per stage for plain blocks, :data:`RESIDUAL_BLOCKS` with one decoder
+    convolution for residual ones. A family whose bottleneck needs the token grid (``hybrid``) gets the
+    bottleneck size of ``topology.patch_size``.
     """
     n = topology.n_stages
+    family = get_block(block)
     if encoder is None:
-        encoder = RESIDUAL_BLOCKS if block == "residual" else (2,) * n
+        encoder = family.encoder_blocks or (2,) * n
     if decoder is None:
-        decoder = (1 if block == "residual" else 2,) * (n - 1)
+        decoder = (family.decoder_convs,) * (n - 1)
     if n > len(encoder) or n - 1 > len(decoder):
         raise ValueError(f"{n} stages needed but only {len(encoder)} encoder stages are defined; reduce the patch")
     return NetworkSpec(
@@ -177,6 +182,7 @@ def unet_for_topology(
         n_conv_per_stage=tuple(encoder[:n]),
         n_conv_per_stage_decoder=tuple(decoder[: n - 1]),
         block=block,
+        bottleneck_tokens=topology.bottleneck_size if family.needs_tokens else None,
     )
 
 

@@ -7,14 +7,16 @@ first, enqueued trial: :func:`rule_params`) and the same parameter means the sam
 - ``patch_scale``: patch volume relative to the rule's; the batch shrinks or grows by the same factor (the
   patch-versus-batch trade-off at a constant number of voxels per step);
 - ``depth_delta``: encoder stages removed from the deepest topology the patch allows (0, -1, -2);
-- ``width_scale``: features of every stage relative to the rule's; ``block``: plain or residual encoder blocks;
+- ``width_scale``: features of every stage relative to the rule's; ``block``: the architecture family, any of
+  the registry's (:data:`FAMILIES`: plain, residual, attention, multiscale, dense, convnext, hybrid);
 - ``loss``, ``learning_rate``, ``oversampling`` (share of patches forced to contain foreground),
   ``aug_strength`` (:attr:`AugmentationSpec.strength`);
 - ``epochs_scale``: training length relative to the rule's.
 
 Budgets are kept, not hoped for. A candidate whose estimated training memory exceeds the device's budget, or
 whose step on a CPU is estimated slower than the planner's target, is repaired (smaller batch, then smaller
-patch) before anything is trained; one that cannot be repaired raises :class:`PlanningError`. Training length
+patch, then fewer features) before anything is trained, and the repair is written into the configuration's
+``why``; one that cannot be repaired is excluded: :class:`PlanningError` names the family and the limit. Training length
 is capped so that the whole training costs no more than the rule plan's (a cheaper step may train longer, a dearer
 one trains shorter): the time budget the planner fitted the rule plan's epochs to. Steps are priced by their
 estimated FLOPs, or by measured seconds when the caller measures them (the search does).
@@ -31,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from autoseg.errors import ConfigError, PlanningError
+from autoseg.networks import list_blocks
 from autoseg.planning import default, rules
 from autoseg.planning.memory import estimate_flops
 from autoseg.planning.plans import Configuration, LossSpec, NetworkSpec, Plans
@@ -41,6 +44,7 @@ __all__ = [
     "Limits",
     "Candidate",
     "LOSSES",
+    "FAMILIES",
     "search_space",
     "rule_params",
     "trainable_configurations",
@@ -54,6 +58,10 @@ __all__ = [
 #: Losses the search chooses from (the rule plan's loss is always added).
 LOSSES = ("dice_ce", "dice_topk", "dice_focal", "tversky")
 WIDTH_SCALES = (0.5, 0.75, 1.0, 1.5, 2.0)
+#: Architecture families the search chooses from (the rule plan's is always added): every registered one.
+FAMILIES = ("plain", "residual") + tuple(n for n in list_blocks() if n not in ("plain", "residual"))
+#: Width scales the repair tries, relative to the sampled one, before a family is excluded.
+REPAIR_WIDTHS = (0.75, 0.5, 0.25)
 DEPTH_DELTAS = (-2, -1, 0)
 MAX_FEATURES = {3: 320, 2: 512}
 
@@ -123,7 +131,7 @@ def search_space(plans: Plans, configs: Sequence[str] | None = None) -> tuple[Pa
     """The search dimensions for ``plans`` (``configuration`` only when several ``configs`` compete)."""
     configs = tuple(configs or trainable_configurations(plans))
     losses = tuple(dict.fromkeys(LOSSES + tuple(plans.configurations[n].loss.name for n in configs)))
-    blocks = tuple(dict.fromkeys(("plain", "residual") + tuple(plans.configurations[n].network.block for n in configs)))
+    blocks = tuple(dict.fromkeys(FAMILIES + tuple(plans.configurations[n].network.block for n in configs)))
     low_lr, high_lr = _learning_rate_range(plans)
     strength = max([1.5] + [plans.configurations[n].augmentation.strength for n in configs])
     space = [
@@ -217,30 +225,67 @@ def _architecture(
     def usable(t: Topology) -> bool:  # at least two stages (a U-Net), unless the rule plan had fewer
         return t.n_stages >= min(2, c.network.n_stages)
 
-    # the wanted patch with the largest batch that fits, else batch 1 and the patch shrunk to fit
-    fitting = next(
-        (b for b in range(batch, 0, -1) if usable(topo) and limits.fits(_network(c, topo, params), topo.patch_size, b)),
-        None,
-    )
-    if fitting is None:
-        shrunk = shrink_patch(
-            wanted,
-            c.median_image_size,
-            lambda patch: _topology(c.spacing, patch, depth),
-            lambda t: usable(t) and limits.fits(_network(c, t, params), t.patch_size, 1),
-            ties="first",
-        )
-        topo, fitting = (shrunk[0], 1) if shrunk is not None else (topo, None)
-    if fitting is not None:
-        changed = first != (topo.patch_size, fitting)
-        notes = [f"patch {list(first[0])} batch {first[1]} repaired to fit the budget"] if changed else []
-        return _network(c, topo, params), tuple(topo.patch_size), fitting, notes
+    # the wanted patch with the largest batch that fits, at the sampled width or fewer features (down to half);
+    # else batch 1 and the patch shrunk until it fits, at the sampled width or fewer features
+    found = None
+    for shrink in (False, True):
+        for repair in (1.0, *REPAIR_WIDTHS[: None if shrink else 2]):
+            narrower = {**params, "width_scale": params["width_scale"] * repair}
+            found = _fit(c, narrower, limits, topo, batch, wanted, usable, shrink=shrink)
+            if found is not None:
+                break
+        if found is not None:
+            break
+    if found is not None:
+        topo, fitting = found
+        notes = []
+        if first != (topo.patch_size, fitting):
+            notes.append(f"patch {list(first[0])} batch {first[1]} repaired to fit the budget")
+        if repair != 1.0:
+            width = narrower["width_scale"]
+            notes.append(f"{params['block']} features x{repair:g} (width x{width:g}) to fit the budget")
+        return _network(c, topo, narrower), tuple(topo.patch_size), fitting, notes
     target = limits.seconds_target(c.ndim)
     raise PlanningError(
-        f"search: no patch of {c.name} fits the budget with width x{params['width_scale']}, {params['block']} "
-        f"blocks and depth {params['depth_delta']:+d} (memory {limits.budget.memory_limit() / 2**30:.1f} GB"
+        f"search: no patch of {c.name} fits the budget with width x{params['width_scale']} (fewer features down to "
+        f"width x{params['width_scale'] * REPAIR_WIDTHS[-1]:g} tried), {params['block']} blocks and depth "
+        f"{params['depth_delta']:+d} (memory {limits.budget.memory_limit() / 2**30:.1f} GB"
         + (f", {target:g} s per step on this CPU)" if target else ")")
+        + f": family {params['block']!r} excluded for this point"
     )
+
+
+def _fit(
+    c: Configuration,
+    params: Mapping[str, Any],
+    limits: Limits,
+    topo: Topology,
+    batch: int,
+    wanted: Sequence[float],
+    usable: Callable[[Topology], bool],
+    *,
+    shrink: bool,
+) -> tuple[Topology, int] | None:
+    """The wanted patch with the largest batch that fits, or (``shrink``) batch 1 and the patch shrunk to fit."""
+    if not shrink:
+        fitting = next(
+            (
+                b
+                for b in range(batch, 0, -1)
+                if usable(topo) and limits.fits(_network(c, topo, params), topo.patch_size, b)
+            ),
+            None,
+        )
+        return None if fitting is None else (topo, fitting)
+    depth = int(params["depth_delta"])
+    shrunk = shrink_patch(
+        wanted,
+        c.median_image_size,
+        lambda patch: _topology(c.spacing, patch, depth),
+        lambda t: usable(t) and limits.fits(_network(c, t, params), t.patch_size, 1),
+        ties="first",
+    )
+    return (shrunk[0], 1) if shrunk is not None else None
 
 
 def _loss(c: Configuration, name: str) -> LossSpec:
@@ -280,6 +325,7 @@ def build_candidate(
     augmentation = c.augmentation if patch == tuple(c.patch_size) else rules.augmentation_for_patch(patch).value
     configuration = dataclasses.replace(
         c,
+        why=c.why + tuple(f"search: {note}" for note in notes),
         patch_size=patch,
         batch_size=batch,
         network=net,

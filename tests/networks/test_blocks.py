@@ -26,8 +26,9 @@ def test_builtin_names():
 
 
 def test_unknown_name_lists_the_valid_ones():
-    with pytest.raises(ConfigError, match="unknown block 'dense'.*plain, residual"):
-        get_block("dense")
+    valid = "attention, convnext, dense, hybrid, multiscale, plain, residual"
+    with pytest.raises(ConfigError, match=f"unknown block 'unet3000'; valid names: {valid}"):
+        get_block("unet3000")
     with pytest.raises(ConfigError, match="unknown norm 'group'.*batch, instance"):
         get_norm("group")
 

@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from autoseg.errors import PlanningError
+from autoseg.errors import ConfigError, PlanningError
 from autoseg.networks import build_network
 from autoseg.networks.losses import build_loss
 from autoseg.networks.spec import LossSpec
@@ -173,7 +173,7 @@ def test_breakdown_sums_to_total_and_mixed_precision_halves_activations():
 def test_bad_arguments_raise_planning_errors():
     with pytest.raises(PlanningError, match="precision"):
         estimate_training_memory(spec3d(), 1, 2, (4, 8, 8), 1, precision="fp8")
-    with pytest.raises(PlanningError, match="no memory model"):
-        estimate_training_memory(dataclasses.replace(spec3d(), block="dense"), 1, 2, (4, 8, 8), 1)
+    with pytest.raises(ConfigError, match="unknown block 'unet3000'; valid names: attention"):
+        estimate_training_memory(dataclasses.replace(spec3d(), block="unet3000"), 1, 2, (4, 8, 8), 1)
     with pytest.raises(PlanningError, match="axes"):
         estimate_training_memory(spec3d(), 1, 2, (8, 8), 1)

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from autoseg.data.synth import make_dataset
 from autoseg.errors import ConfigError, PlanningError
 from autoseg.fingerprint import extract_fingerprint
+from autoseg.networks import list_blocks
 from autoseg.planning import default
 from autoseg.planning.memory import estimate_flops
 from autoseg.planning.planner import make_plans
@@ -106,9 +107,9 @@ def test_candidates_keep_memory_time_and_compute_budgets(plans, drawn):
 
 
 def test_a_budget_nothing_fits_raises(plans):
-    tiny = dataclasses.replace(plans, device=dataclasses.replace(plans.device, memory_bytes=2**20))
+    tiny = dataclasses.replace(plans, device=dataclasses.replace(plans.device, memory_bytes=2**10))
     params = {**rule_params(plans, "3d_fullres"), "width_scale": 2.0}
-    with pytest.raises(PlanningError, match="no patch of 3d_fullres fits"):
+    with pytest.raises(PlanningError, match="no patch of 3d_fullres fits.*family 'plain' excluded"):
         build_candidate(tiny, params, limits=limits_for(tiny))
 
 
@@ -146,3 +147,27 @@ def test_training_length_is_capped_by_the_priced_step(plans):
     assert cand.effective["step_cost_ratio"] == 3.0
     same = build_candidate(plans, {**rule_params(plans, "3d_fullres"), "epochs_scale": 2.0}, step_cost=price)
     assert same.epochs_scale == 1.0  # the rule plan already spends the whole budget
+
+
+def test_every_registered_family_is_a_search_dimension(plans):
+    block = next(p for p in search_space(plans) if p.name == "block")
+    assert set(block.choices) == set(list_blocks()) and block.choices[:2] == ("plain", "residual")
+
+
+@pytest.mark.parametrize("family", ["attention", "hybrid"])
+def test_a_family_too_wide_for_the_budget_is_repaired_with_fewer_features(plans, family):
+    rule = plans.configurations["2d"]
+    params = {**rule_params(plans, "2d"), "block": family, "patch_scale": 0.999}
+    fast = limits_for(plans, 1e15)  # only memory binds
+    wanted = build_candidate(plans, params, limits=fast).configuration
+    need = fast.budget.memory(wanted.network, wanted.patch_size, 1)
+    tight = dataclasses.replace(plans, device=dataclasses.replace(plans.device, memory_bytes=int(2 * need * 0.98)))
+    cand = build_candidate(tight, params, limits=limits_for(tight, 1e15))
+    c = cand.configuration
+    assert c.network.block == family and c.patch_size == wanted.patch_size
+    assert max(c.network.features_per_stage) < max(wanted.network.features_per_stage)
+    assert any(f"search: {family} features x0.75" in why for why in c.why)
+    assert limits_for(tight, 1e15).fits(c.network, c.patch_size, 1)
+    if family == "hybrid":
+        assert c.network.bottleneck_tokens == tuple(p // s for p, s in zip(c.patch_size, c.network.total_stride))
+    assert rule.why == plans.configurations["2d"].why  # the rule plan is untouched
