@@ -161,7 +161,7 @@ def make_plans(
         from autoseg.planning.nnunet import plan_nnunet
 
         plans = plan_nnunet(fingerprint, preset, gpu_memory_gb=gpu_memory_gb)
-        plans = dataclasses.replace(plans, autoseg_version=_version())
+        plans = _place_augmentation(dataclasses.replace(plans, autoseg_version=_version()))
         if cross_validation is not None:
             plans = dataclasses.replace(plans, cross_validation=cross_validation)
         return apply_overrides(plans, overrides)
@@ -217,7 +217,19 @@ def make_plans(
         why=tuple(why),
         autoseg_version=_version(),
     )
-    return apply_overrides(plans, overrides)
+    return apply_overrides(_place_augmentation(plans), overrides)
+
+
+def _place_augmentation(plans: Plans) -> Plans:
+    """Every configuration augments where :func:`rules.augmentation_device` says for the plan's device."""
+    where = rules.augmentation_device(plans.device.kind)
+    configs = {
+        n: dataclasses.replace(c, augmentation=dataclasses.replace(c.augmentation, device=where.value)).with_reason(
+            where.why
+        )
+        for n, c in plans.configurations.items()
+    }
+    return dataclasses.replace(plans, configurations=configs)
 
 
 def _fit_time(
