@@ -191,14 +191,16 @@ def test_weighted_median_object_volume():
 
 
 def test_augmentation_runs_on_the_gpu_for_a_cuda_plan():
-    """On for a GPU plan (default and nnU-Net presets), off for a CPU plan, each with its reason; --set overrides."""
+    """On for a GPU plan, off for a CPU plan and in the nnU-Net presets (as nnU-Net), each with its reason; --set
+    overrides."""
     fp = FINGERPRINTS["Dataset004_Hippocampus"]
-    for plans in (_plan(fp, 24), make_plans(fp, preset="nnunet")):
+    for c in _plan(fp, 24).configurations.values():
+        assert c.augmentation.device == "gpu" and any("augmentation on the GPU" in w for w in c.why)
+    for plans in (_plan(fp, "cpu"), make_plans(fp, preset="nnunet")):
         for c in plans.configurations.values():
-            assert c.augmentation.device == "gpu" and any("augmentation on the GPU" in w for w in c.why)
-    cpu = _plan(fp, "cpu")
-    for c in cpu.configurations.values():
-        assert c.augmentation.device == "cpu" and any("CPU data loader" in w for w in c.why)
+            assert c.augmentation.device == "cpu" and any("CPU data loader" in w for w in c.why)
+    preset = make_plans(fp, preset="nnunet", overrides=["augmentation.device=gpu"])
+    assert {c.augmentation.device for c in preset.configurations.values()} == {"gpu"}
     forced = make_plans(fp, gpu_memory_gb=24, overrides=["augmentation.device=cpu"])
     assert {c.augmentation.device for c in forced.configurations.values()} == {"cpu"}
     assert from_jsonable(Plans, to_jsonable(forced)) == forced
