@@ -12,12 +12,12 @@ numpy generator into :class:`BatchParameters`; :func:`apply_parameters` is deter
 generator with (seed, batch index) (:func:`batch_generator`), so a batch's augmentation does not depend on what
 ran before it and a resumed run continues the same sequence.
 
-Spatial transforms are one ``grid_sample`` per batch over the samples that have one (linear for images, nearest for
-labels, so labels keep their values; zeros outside): output voxel ``c`` (centred coordinates) reads the input at
+Spatial transforms are one ``grid_sample`` per batch for images (linear) and a nearest-voxel gather at the same
+positions for labels, so they keep their values (zeros outside): output voxel ``c`` (centred coordinates) reads at
 ``A (c + d(c)) + centre``, with ``A`` = scale x rotation built as batchgenerators builds it. Elastic deformation's
 cheap equivalent: batchgenerators smooths per-voxel uniform noise by a Gaussian of ``sigma``; here random
 displacements on a coarse grid with nodes ``3 sigma`` apart (about the same correlation length) are upsampled
-linearly, with the same mean variance. The rest of each batch is centre-cropped.
+linearly, with the same mean variance. Samples without a spatial transform are the exact centre crop.
 """
 
 from __future__ import annotations
@@ -146,35 +146,47 @@ def _matrices(p: BatchParameters, samples: np.ndarray, ndim: int, dummy_2d: bool
     return out
 
 
-def _grid(p: BatchParameters, samples: np.ndarray, size, patch, dummy_2d: bool, device) -> torch.Tensor:
-    """(n, *patch, ndim) positions in the input for ``grid_sample`` (normalised, x first, corners aligned)."""
+def _positions(p: BatchParameters, size, patch, dummy_2d: bool, device) -> torch.Tensor:
+    """(B, *patch, ndim) input voxel coordinates read by each output voxel (identity plus crop offset when off)."""
+    batch = len(p.scale)
     axes = [torch.arange(n, dtype=torch.float32, device=device) - (n - 1) / 2 for n in patch]
-    coords = torch.stack(torch.meshgrid(*axes, indexing="ij"), -1).expand(len(samples), *patch, len(patch)).clone()
+    coords = torch.stack(torch.meshgrid(*axes, indexing="ij"), -1).expand(batch, *patch, len(patch)).clone()
     first = 1 if dummy_2d else 0
     mode = "bilinear" if len(patch) - first == 2 else "trilinear"
-    for i, b in enumerate(samples):
-        if p.displacement[b] is not None:
-            nodes = torch.as_tensor(p.displacement[b], dtype=torch.float32, device=device)[None]
-            field = F.interpolate(nodes, size=tuple(patch[first:]), mode=mode, align_corners=True)[0]
-            coords[i, ..., first:] += field.movedim(0, -1)
-    matrix = torch.as_tensor(_matrices(p, samples, len(patch), dummy_2d), dtype=torch.float32, device=device)
+    for b, nodes in enumerate(p.displacement):
+        if nodes is not None:
+            coarse = torch.as_tensor(nodes, dtype=torch.float32, device=device)[None]
+            field = F.interpolate(coarse, size=tuple(patch[first:]), mode=mode, align_corners=True)[0]
+            coords[b, ..., first:] += field.movedim(0, -1)
+    matrix = torch.as_tensor(_matrices(p, np.arange(batch), len(patch), dummy_2d), dtype=torch.float32, device=device)
     centre = torch.tensor([(s - n) // 2 + (n - 1) / 2 for s, n in zip(size, patch)], device=device)
-    positions = torch.einsum("n...j,nij->n...i", coords, matrix) + centre
-    scale = torch.tensor([2 / max(s - 1, 1) for s in size], device=device)
-    return (positions * scale - 1).flip(-1)
+    return torch.einsum("b...j,bij->b...i", coords, matrix) + centre
+
+
+def _nearest(seg: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Labels (B, 1, *size) read at the nearest voxel of ``positions`` (B, *patch, ndim); 0 outside."""
+    last = torch.tensor(seg.shape[2:], device=seg.device, dtype=positions.dtype) - 1
+    index = positions.round()  # half to even, as grid_sample's nearest
+    inside = ((index >= 0) & (index <= last)).all(-1)
+    strides = torch.tensor(seg[0, 0].stride(), device=seg.device)
+    flat = (torch.clamp(index, torch.zeros_like(last), last).long() * strides).sum(-1).reshape(len(seg), -1)
+    values = seg.reshape(len(seg), -1).gather(1, flat).reshape(inside.shape)
+    return torch.where(inside, values, torch.zeros_like(values))[:, None]
 
 
 def _spatial(p: BatchParameters, data, seg, patch, dummy_2d: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """One ``grid_sample`` for the batch's images, a nearest-voxel gather for its labels; samples without a spatial
+    transform are the exact centre crop."""
     size = tuple(data.shape[2:])
     crop = (Ellipsis, *[slice((s - n) // 2, (s - n) // 2 + n) for s, n in zip(size, patch)])
-    out_data, out_seg = data[crop].clone(), seg[crop].clone()
-    samples = np.flatnonzero(p.spatial)
-    if samples.size:
-        grid = _grid(p, samples, size, patch, dummy_2d, data.device)
-        index = torch.as_tensor(samples, device=data.device)
-        images = F.grid_sample(data[index].float(), grid, mode="bilinear", padding_mode="zeros", align_corners=True)
-        labels = F.grid_sample(seg[index].float(), grid, mode="nearest", padding_mode="zeros", align_corners=True)
-        out_data[index], out_seg[index] = images.to(data.dtype), labels.round().to(seg.dtype)
+    still = torch.as_tensor(np.flatnonzero(~p.spatial), device=data.device)
+    if not p.spatial.any():
+        return data[crop].clone(), seg[crop].clone()
+    positions = _positions(p, size, patch, dummy_2d, data.device)
+    grid = (positions * torch.tensor([2 / max(s - 1, 1) for s in size], device=data.device) - 1).flip(-1)
+    images = F.grid_sample(data.float(), grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+    out_data, out_seg = images.to(data.dtype), _nearest(seg.contiguous(), positions)
+    out_data[still], out_seg[still] = data[crop][still], seg[crop][still]
     return out_data, out_seg
 
 
