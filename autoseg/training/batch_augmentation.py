@@ -129,10 +129,10 @@ def _displacement(rng: np.random.Generator, r: AugmentationRanges, moving: Seque
     return rng.normal(0.0, std, (d, *nodes))
 
 
-def _matrices(p: BatchParameters, samples: np.ndarray, ndim: int, dummy_2d: bool) -> np.ndarray:
-    """(n, ndim, ndim) maps from output to input coordinates: scale x rotation, as batchgenerators composes them."""
-    out = np.zeros((len(samples), ndim, ndim))
-    for i, b in enumerate(samples):
+def _matrices(p: BatchParameters, ndim: int, dummy_2d: bool) -> np.ndarray:
+    """(B, ndim, ndim) maps from output to input coordinates: scale x rotation, as batchgenerators composes them."""
+    out = np.zeros((len(p.scale), ndim, ndim))
+    for b in range(len(p.scale)):
         cos, sin = np.cos(p.angles[b]), np.sin(p.angles[b])
         if p.angles.shape[1] == 1:
             rotation = np.array([[cos[0], -sin[0]], [sin[0], cos[0]]])
@@ -142,7 +142,7 @@ def _matrices(p: BatchParameters, samples: np.ndarray, ndim: int, dummy_2d: bool
             rz = np.array([[cos[2], -sin[2], 0], [sin[2], cos[2], 0], [0, 0, 1]])
             rotation = rx @ ry @ rz
         m = p.scale[b] * rotation.T
-        out[i] = np.block([[np.ones((1, 1)), np.zeros((1, 2))], [np.zeros((2, 1)), m]]) if dummy_2d else m
+        out[b] = np.block([[np.ones((1, 1)), np.zeros((1, 2))], [np.zeros((2, 1)), m]]) if dummy_2d else m
     return out
 
 
@@ -158,7 +158,7 @@ def _positions(p: BatchParameters, size, patch, dummy_2d: bool, device) -> torch
             coarse = torch.as_tensor(nodes, dtype=torch.float32, device=device)[None]
             field = F.interpolate(coarse, size=tuple(patch[first:]), mode=mode, align_corners=True)[0]
             coords[b, ..., first:] += field.movedim(0, -1)
-    matrix = torch.as_tensor(_matrices(p, np.arange(batch), len(patch), dummy_2d), dtype=torch.float32, device=device)
+    matrix = torch.as_tensor(_matrices(p, len(patch), dummy_2d), dtype=torch.float32, device=device)
     centre = torch.tensor([(s - n) // 2 + (n - 1) / 2 for s, n in zip(size, patch)], device=device)
     return torch.einsum("b...j,bij->b...i", coords, matrix) + centre
 
@@ -179,9 +179,9 @@ def _spatial(p: BatchParameters, data, seg, patch, dummy_2d: bool) -> tuple[torc
     transform are the exact centre crop."""
     size = tuple(data.shape[2:])
     crop = (Ellipsis, *[slice((s - n) // 2, (s - n) // 2 + n) for s, n in zip(size, patch)])
-    still = torch.as_tensor(np.flatnonzero(~p.spatial), device=data.device)
     if not p.spatial.any():
         return data[crop].clone(), seg[crop].clone()
+    still = torch.as_tensor(np.flatnonzero(~p.spatial), device=data.device)
     positions = _positions(p, size, patch, dummy_2d, data.device)
     grid = (positions * torch.tensor([2 / max(s - 1, 1) for s in size], device=data.device) - 1).flip(-1)
     images = F.grid_sample(data.float(), grid, mode="bilinear", padding_mode="zeros", align_corners=True)

@@ -92,6 +92,7 @@ FAMILIES = {
     "contrast": dict(p_contrast=0.3),
     "low_resolution": dict(p_low_resolution=0.5),
     "gamma": dict(p_gamma=0.3),
+    "mirror": dict(mirror_axes=(0, 1, 2)),
 }
 
 
@@ -99,7 +100,7 @@ FAMILIES = {
 def test_batch_and_cpu_pipelines_agree(family):
     """Each transform family alone, on the same inputs: the CPU pipeline (batchgenerators) and the batch
     augmentation change the same fraction of samples, by amounts from the same distribution (Kolmogorov-Smirnov)."""
-    spec = AugmentationSpec((), **{**OFF, **FAMILIES[family]})
+    spec = AugmentationSpec(**{"mirror_axes": (), **OFF, **FAMILIES[family]})
     patch, n = (6, 10, 12), 300
     size = sampling_patch_size(patch, spec)
     rng = np.random.default_rng(1)
@@ -117,7 +118,7 @@ def test_batch_and_cpu_pipelines_agree(family):
         amounts.append(change[change > 1e-4])
     a, b = amounts
     pooled = (len(a) + len(b)) / (2 * n)
-    assert abs(len(a) - len(b)) / n <= 4.5 * np.sqrt(2 * pooled * (1 - pooled) / n) + 1e-9, (len(a), len(b))
+    assert abs(len(a) - len(b)) / n <= 3.5 * np.sqrt(2 * pooled * (1 - pooled) / n) + 1e-9, (len(a), len(b))
     assert len(a) > 0.1 * n
     assert stats.ks_2samp(a, b).pvalue > 1e-3, (np.median(a), np.median(b))
 
@@ -178,8 +179,8 @@ def test_quarter_turn_mirror_and_identity_are_exact():
     turned = dataclasses.replace(p, angles=np.array([[np.pi / 2], [0.0], [-np.pi / 2]]))
     out, out_seg = apply_parameters(turned, image, seg, (16, 16))
     # batchgenerators' convention: output (i, j) reads the input at (j, -i) for +90 degrees
-    torch.testing.assert_close(out[0], torch.rot90(image[0, :, 4:20, 4:20], 1, (1, 2)), atol=1e-5, rtol=0)
-    torch.testing.assert_close(out[2], torch.rot90(image[2, :, 4:20, 4:20], -1, (1, 2)), atol=1e-5, rtol=0)
+    assert torch.allclose(out[0], torch.rot90(image[0, :, 4:20, 4:20], 1, (1, 2)), rtol=0, atol=1e-5)
+    assert torch.allclose(out[2], torch.rot90(image[2, :, 4:20, 4:20], -1, (1, 2)), rtol=0, atol=1e-5)
     assert torch.equal(out_seg[0], torch.rot90(seg[0, :, 4:20, 4:20], 1, (1, 2)))
     assert torch.equal(out[1], image[1, :, 4:20, 4:20])
     flipped = dataclasses.replace(p, mirror=np.array([[True, False], [False, True], [True, True]]))
