@@ -22,7 +22,18 @@ SHARED_DATA = SHARED / "data"
 
 
 #: Substrings of skip reasons for what CI provides.
-CI_PROVIDES = ("../shared", "PostgreSQL", "could not import 'medpy", "could not import 'surface_distance")
+CI_PROVIDES = (
+    "../shared",
+    "PostgreSQL",
+    "could not import 'medpy",
+    "could not import 'surface_distance",
+    "could not import 'playwright",
+    "chromium not installed",
+    "of the onnx extra",
+    "could not import 'captum",
+    "could not import 'torchio",
+    "could not import 'highdicom",
+)
 
 
 def ci_must_run(reason: str) -> bool:

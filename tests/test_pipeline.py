@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import zipfile
 from pathlib import Path
 
@@ -15,12 +16,14 @@ from autoseg.data.synth import make_dataset
 from autoseg.errors import InferenceError
 from autoseg.evaluation.evaluate import evaluate_folders
 from autoseg.export.bundle import open_bundle
+from autoseg.export.report import collect_report_data, write_report
 from autoseg.fingerprint import extract_fingerprint
 from autoseg.inference.predict import predict_path
 from autoseg.pipeline import run_pipeline
 from autoseg.planning.planner import make_plans
 from autoseg.runfolder import record_dataset
 from tests.conftest import shared_data
+from tests.export.test_report import check_in_chromium, check_page
 
 TINY = ["training.epochs=1", "training.iterations_per_epoch=3", "training.val_iterations=1"]
 
@@ -123,25 +126,60 @@ def test_bf16_prediction_agrees_with_fp32(trained, tmp_path):
         assert (a == b).mean() > 0.99
 
 
-@pytest.mark.parametrize("source", ["nrrd", "dicom", "mr"])
+@pytest.mark.parametrize("source", ["nrrd", "mr"])
 def test_predictions_have_the_exact_geometry_of_real_scans(trained, tmp_path, source):
     _, run = trained
     if source == "nrrd":
         image = shared_data("pyradiomics", "brain1_image.nrrd")
-    elif source == "dicom":
-        image = shared_data("totalseg_dicom", "example_ct_dicom")
     else:
         image = shared_data("totalseg_mr", "example_mr_sm.nii.gz")
     written = predict_path(run, image, tmp_path, device="cpu", mirror_mode="none", configs=["2d"], folds=["0"])
     assert len(written) == 1
-    expected = read_header(image)
-    got = read_header(written[0])
+    _assert_same_geometry(read_header(written[0]), read_header(image))
+
+
+def _assert_same_geometry(got, expected):
     assert got.shape_zyx == expected.shape_zyx
     np.testing.assert_allclose(got.spacing_zyx, expected.spacing_zyx, rtol=1e-6)
     np.testing.assert_allclose(got.origin_xyz, expected.origin_xyz, atol=1e-4)
     np.testing.assert_allclose(got.direction_xyz, expected.direction_xyz, atol=1e-6)
-    if source == "dicom":
-        assert written[0].name == "example_ct_dicom.nii.gz"
+
+
+def test_dicom_series_in_dicom_seg_out(trained, tmp_path):
+    """A DICOM series gives <case>.dcm by default: a DICOM-SEG referencing the series, one segment per class,
+    holding the labels that --output-format nifti writes in the series' exact geometry. The series is 4 contiguous
+    slices of the real CT (to keep the test short); the whole series' round trip is in tests/data/test_dicom_seg.py."""
+    pydicom = pytest.importorskip("pydicom")
+    pytest.importorskip("highdicom")
+    from autoseg.data.dicom_seg import read_dicom_seg
+    from autoseg.data.io import dicom_series_files
+    from autoseg.planning.plans import load_plans
+
+    data, run = trained
+    series = tmp_path / "ct"
+    series.mkdir()
+    for f in dicom_series_files(shared_data("totalseg_dicom", "example_ct_dicom"))[8:12]:
+        shutil.copy(f, series / f.name)
+    common = ["-m", str(run), "-i", str(series), "--configs", "2d", "--folds", "0", "--no-tta", "--device", "cpu"]
+    assert main(["predict", *common, "-o", str(tmp_path / "seg")]) == 0
+    assert main(["predict", *common, "-o", str(tmp_path / "nii"), "--output-format", "nifti"]) == 0
+    assert [p.name for p in (tmp_path / "seg").iterdir()] == ["ct.dcm"]
+    nifti, nifti_geometry = read_label(tmp_path / "nii" / "ct.nii.gz")
+    _assert_same_geometry(nifti_geometry, read_header(series))
+    plans = load_plans(run)
+    labels, geometry = read_dicom_seg(tmp_path / "seg" / "ct.dcm", series, label_values=plans.labels)
+    _assert_same_geometry(geometry, nifti_geometry)
+    np.testing.assert_array_equal(labels, nifti)
+    seg = pydicom.dcmread(tmp_path / "seg" / "ct.dcm", stop_before_pixels=True)
+    names = [name for name, value in sorted(plans.labels.items(), key=lambda kv: kv[1]) if value]
+    assert [s.SegmentLabel for s in seg.SegmentSequence] == names
+    headers = [pydicom.dcmread(f, stop_before_pixels=True) for f in series.iterdir()]
+    referenced = seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence
+    assert {str(item.ReferencedSOPInstanceUID) for item in referenced} == {
+        str(ds.file_meta.MediaStorageSOPInstanceUID) for ds in headers
+    }
+    with pytest.raises(InferenceError, match="DICOM-SEG output needs DICOM series input"):
+        predict_path(run, data / "imagesTs", tmp_path / "refused", device="cpu", output_format="dicom-seg")
 
 
 def test_a_budget_for_one_model_trains_it_on_all_cases(tmp_path, capsys):
@@ -154,11 +192,16 @@ def test_a_budget_for_one_model_trains_it_on_all_cases(tmp_path, capsys):
     plans.save(run / "plans.json")
     assert main(["run", str(data), "-o", str(run), "--device", "cpu", "-j", "1"]) == 0  # nothing to select from
     shown = capsys.readouterr()
-    assert "trained; predict with" in shown.out
+    assert "trained; predict with" in shown.out and f"report: {run / 'report.html'}" in shown.out
     for stage in ("preprocess", "train (jobs)"):  # a progress bar per stage (the fingerprint was made above)
         assert f"{stage}: 100%" in shown.err, shown.err[-2000:]
     assert (run / "models" / "3d_fullres" / "fold_all" / "checkpoint_final.pt").is_file()
     assert not (run / "models" / "3d_fullres" / "fold_0").exists()
+    page = check_page(run / "report.html")  # autoseg run writes it, also without cross-validation
+    assert page.missing["cross-validation"] == [
+        "the plan trains one model on all cases (small time budget): no cross-validation"
+    ]
+    assert "training" not in page.missing and any(s == "training" for s, _ in page.images)
     assert main(["select", str(run)]) == 0 and not (run / "selection.json").exists()
     written = predict_path(run, data / "imagesTs", tmp_path / "pred", device="cpu")
     assert (
@@ -227,3 +270,50 @@ def test_exported_bundle_predicts_like_the_run_and_holds_no_patient_data(trained
             dst.writestr(name, blob[:-1] + bytes([blob[-1] ^ 1]) if name == "plans.json" else blob)
     with pytest.raises(InferenceError, match="plans.json does not match its checksum"):
         open_bundle(damaged, tmp_path / "cache2")
+
+
+def test_run_writes_a_report_that_a_browser_shows(trained):
+    """The report of the trained run: every section filled, intervals agreeing with the selection's means, the
+    worst cases drawn; Chromium loads it without an error and decodes every image."""
+    from autoseg.inference.selection import load_selection
+
+    data, run = trained
+    page = check_page(run / "report.html")
+    assert set(page.missing) == {"training", "analysis"}, page.missing  # 3d_lowres planned, not trained; no analysis
+    assert page.missing["training"] == ["planned but not trained: 3d_lowres"]
+    shown = [section for section, _ in page.images]
+    assert shown.count("training") == 2 and shown.count("worst-cases") == 3 and "cross-validation" in shown
+    assert shown.count("plan") == 2  # the search's history and importances
+    selection = load_selection(run)
+    assert f"Chosen: {selection.best}" in page.sections["cross-validation"]
+    report = collect_report_data(run)
+    chosen = next(cv for cv in report.cross_validation if cv.name == selection.best)
+    assert sorted(c.case for c in chosen.cases) == [f"case_{i:03d}" for i in range(5)]
+    for key, mean in selection.per_class_dice[selection.best].items():
+        interval = chosen.intervals[key]
+        assert interval.mean == pytest.approx(mean) and interval.low <= interval.mean <= interval.high
+    worst = sorted(chosen.cases, key=chosen.case_dice)[0].case
+    assert report.worst[0].case == worst and f"{worst}: mean Dice" in page.sections["worst-cases"]
+    images = check_in_chromium(run / "report.html")
+    assert len(images) == len(page.images)
+
+
+def test_report_without_selection_merges_the_folds_validation_results(trained, tmp_path):
+    _, run = trained
+    copy = tmp_path / "run"
+    copy.mkdir()
+    for name in ("run.json", "fingerprint.json", "plans.json", "splits.json"):
+        shutil.copy(run / name, copy / name)
+    (copy / "references").symlink_to(run / "references")
+    for fold in sorted((run / "models" / "2d").glob("fold_*")):
+        target = copy / "models" / "2d" / fold.name
+        target.mkdir(parents=True)
+        shutil.copy(fold / "log.jsonl", target)
+        if fold.name != "fold_4":  # a fold still training
+            (target / "validation").symlink_to(fold / "validation")
+    report = collect_report_data(copy)
+    assert [(cv.name, cv.folds_missing, len(cv.cases)) for cv in report.cross_validation] == [("2d", ("fold_4",), 4)]
+    assert len(report.worst) == 3 and all(w.image is not None for w in report.worst)
+    page = check_page(write_report(copy))
+    assert any("autoseg select" in t for t in page.missing["cross-validation"])
+    assert "fold_4 without validation results yet" in " ".join(page.missing["cross-validation"])

@@ -27,6 +27,7 @@ __all__ = [
     "file_ending",
     "strip_ending",
     "is_dicom_series",
+    "dicom_series_files",
     "read_image",
     "read_images",
     "read_label",
@@ -76,17 +77,24 @@ def is_dicom_series(path: Path) -> bool:
     return path.is_dir() and bool(_series_ids(path))
 
 
+def dicom_series_files(path: Path | str) -> tuple[Path, ...]:
+    """The files of the DICOM series read from folder ``path`` (the first series when it holds several), in the
+    order GDCM sorts them (by position along the slice normal)."""
+    path = Path(path)
+    ids = _series_ids(path)
+    if not ids:
+        raise ImageReadError(f"{path}: folder holds no DICOM series")
+    if len(ids) > 1:
+        log.warning("%s holds %d DICOM series; reading the first (%s)", path, len(ids), ids[0])
+    return tuple(Path(f) for f in sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path), ids[0]))
+
+
 def _read_sitk(path: Path) -> sitk.Image:
     if not path.exists():
         raise ImageReadError(f"{path}: file not found")
     if path.is_dir():
-        ids = _series_ids(path)
-        if not ids:
-            raise ImageReadError(f"{path}: folder holds no DICOM series")
-        if len(ids) > 1:
-            log.warning("%s holds %d DICOM series; reading the first (%s)", path, len(ids), ids[0])
         reader = sitk.ImageSeriesReader()
-        reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(path), ids[0]))
+        reader.SetFileNames([str(f) for f in dicom_series_files(path)])
         try:
             return reader.Execute()
         except RuntimeError as exc:

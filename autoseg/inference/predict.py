@@ -2,9 +2,11 @@
 
 Inputs are named like the training images: ``<case>_0000<ending>`` (one file per channel, or one file that
 holds every channel, such as an RGB PNG), or plain ``<case><ending>`` for single-channel models and for files
-that hold every channel; a DICOM series folder is one case. Outputs are ``<case><ending>``
-(NIfTI for DICOM input). ``--uncertainty`` adds ``<case>_entropy.nii.gz`` (and ``<case>_disagreement.nii.gz``
-for ensembles) and ``uncertainty.json`` with per-case scores; ``--save-probabilities`` adds ``<case>.npz``.
+that hold every channel; a DICOM series folder is one case. Outputs are ``<case><ending>``, and
+``<case>.dcm`` for a DICOM series: a DICOM-SEG object referencing it (``output_format="nifti"`` writes
+``<case>.nii.gz`` for every case instead). ``--uncertainty`` adds ``<case>_entropy.nii.gz`` (and
+``<case>_disagreement.nii.gz`` for ensembles) and ``uncertainty.json`` with per-case scores;
+``--save-probabilities`` adds ``<case>.npz``.
 """
 
 from __future__ import annotations
@@ -18,10 +20,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from autoseg import __version__
 from autoseg.data.dataset import Case, channel_files
+from autoseg.data.dicom_seg import require_highdicom, source_instances, write_dicom_seg
 from autoseg.data.geometry import Geometry
 from autoseg.data.io import (
     file_ending,
@@ -38,11 +43,14 @@ from autoseg.planning.plans import Plans
 from autoseg.runfolder import RunFolder
 from autoseg.serialization import load_json
 
-__all__ = ["CaseFailure", "PredictionFailed", "check_image", "collect_inputs", "predict_path"]
+__all__ = ["OUTPUT_FORMATS", "CaseFailure", "PredictionFailed", "check_image", "collect_inputs", "predict_path"]
 
 log = logging.getLogger(__name__)
 
 _CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
+#: ``output_format`` choices: auto (DICOM-SEG for a DICOM series, else the input's format), nifti, dicom-seg.
+OUTPUT_FORMATS = ("auto", "nifti", "dicom-seg")
+DICOM_SEG_ENDING = ".dcm"
 
 
 def collect_inputs(
@@ -189,6 +197,24 @@ def _channel_count(f: Path, path: Path) -> int:
         raise InferenceError(f"{path}: {exc}") from None
 
 
+def _output_endings(cases: list[tuple[Case, str]], output_format: str) -> list[tuple[Case, str]]:
+    """``cases`` with the ending of their label file under ``output_format`` (see :data:`OUTPUT_FORMATS`)."""
+    if output_format not in OUTPUT_FORMATS:
+        raise InferenceError(f"output format {output_format!r}: use one of {', '.join(OUTPUT_FORMATS)}")
+    if output_format == "nifti":
+        return [(case, ".nii.gz") for case, _ in cases]
+    dicom = [case.images[0].is_dir() for case, _ in cases]  # a folder is a case only when it holds a series
+    if output_format == "dicom-seg" and not all(dicom):
+        others = [f"{case.id} ({case.images[0]})" for (case, _), d in zip(cases, dicom) if not d]
+        raise InferenceError(
+            f"DICOM-SEG output needs DICOM series input, and {', '.join(others[:5])} are not; "
+            "use --output-format nifti or auto"
+        )
+    if any(dicom):
+        require_highdicom()
+    return [(case, DICOM_SEG_ENDING if d else ending) for (case, ending), d in zip(cases, dicom)]
+
+
 def _split_numbered_cases(
     case: str, files: dict[int, Path], n_channels: int, path: Path
 ) -> list[tuple[str, dict[int, Path]]]:
@@ -226,13 +252,16 @@ def predict_path(
     checkpoint: str = "final",
     precision: str = "auto",
     any_spacing: bool = False,
+    engine: str = "torch",
+    output_format: str = "auto",
     progress: Callable[[int, int], None] | None = None,
 ) -> list[Path]:
     """Predict every case under ``inputs`` into ``out_dir``; returns the label files written.
 
     A case that cannot be read or does not fit the model (:func:`check_image`) is reported and skipped; the others
     are predicted, and :class:`PredictionFailed` is raised at the end with the list. An output folder that cannot be
-    written raises InferenceError at once, before any work.
+    written raises InferenceError at once, before any work, and so does ``output_format="dicom-seg"`` for an input
+    that is not a DICOM series. ``engine`` runs the forward passes (:class:`Predictor`).
     """
     predictor = Predictor(
         run_dir,
@@ -242,11 +271,12 @@ def predict_path(
         mirror_mode=mirror_mode,
         checkpoint=checkpoint,
         precision=precision,
+        engine=engine,
     )
     out_dir = Path(out_dir)
     _check_writable(out_dir)
     failures: list[CaseFailure] = []
-    cases = collect_inputs(inputs, len(predictor.plans.channels), failures)
+    cases = _output_endings(collect_inputs(inputs, len(predictor.plans.channels), failures), output_format)
     spacings = None if any_spacing else _training_spacings(predictor.run_dir)
     written, scores = [], {}
     score_file = out_dir / "uncertainty.json"
@@ -260,6 +290,7 @@ def predict_path(
         try:
             image, geometry = read_images(case.images)
             check_image(image, geometry, predictor.plans, spacings)
+            sources = source_instances(case.images[0], geometry) if ending == DICOM_SEG_ENDING else []
         except (AutosegError, RuntimeError, OSError, ValueError) as exc:  # unreadable or unfit: the next case
             failures.append(CaseFailure(case.id, tuple(str(p) for p in case.images), _reason(exc)))
             log.error("case %s (%s): %s", case.id, ", ".join(str(p) for p in case.images), _reason(exc))
@@ -277,7 +308,7 @@ def predict_path(
                     write_image(prediction.disagreement, geometry, out_dir / f"{case.id}_disagreement.nii.gz")
                 scores[case.id] = prediction.scores
                 write_text_atomic(score_file, json.dumps(scores, indent=2) + "\n")
-            write_image(prediction.labels, geometry, target)  # last: its presence marks the case as done
+            _write_labels(prediction.labels, geometry, target, sources, predictor.plans)  # last: marks the case done
         except OSError as exc:  # a full disk or a lost folder fails every later case too: stop here
             raise InferenceError(
                 f"{target}: cannot write the prediction of case {case.id} ({exc.strerror or exc}); "
@@ -289,6 +320,16 @@ def predict_path(
     if failures:
         raise PredictionFailed(failures, written)
     return written
+
+
+def _write_labels(labels: np.ndarray, geometry: Geometry, target: Path, sources: list[Any], plans: Plans) -> None:
+    """Write a case's labels: a DICOM-SEG referencing ``sources`` (its series' instances), or an image file."""
+    if target.name.endswith(DICOM_SEG_ENDING):
+        write_dicom_seg(
+            labels, sources, target, label_values=plans.labels, ignore_label=plans.ignore_label, version=__version__
+        )
+    else:
+        write_image(labels, geometry, target)
 
 
 def _reason(exc: BaseException) -> str:

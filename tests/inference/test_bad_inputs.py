@@ -13,10 +13,11 @@ import pytest
 import SimpleITK as sitk
 
 from autoseg.cli import main
-from autoseg.data.io import read_image, read_label, write_image
+from autoseg.data.io import dicom_series_files, read_image, read_label, write_image
 from autoseg.errors import InferenceError
 from autoseg.inference.predict import PredictionFailed, predict_path
 from autoseg.training.trainer import TrainOptions, train_fold
+from tests.conftest import shared_data
 from tests.data.colour import colour_case, write_png
 from tests.training.test_trainer import make_tiny_run
 
@@ -112,3 +113,24 @@ def test_full_disk_stops_with_the_file_named_and_no_partial_output(run, tmp_path
     assert sorted(p.name for p in out.iterdir()) == ["a.nii.gz"]  # no temporary or partial file
     labels, _ = read_label(out / "a.nii.gz")
     assert labels.shape == read_image(_good(run))[0].shape[1:]
+
+
+def test_a_dicom_series_off_its_grid_is_named_before_predicting(run, tmp_path):
+    """DICOM-SEG output maps slices to instances by position: an instance off the grid fails its case, naming it."""
+    pydicom = pytest.importorskip("pydicom")
+    pytest.importorskip("highdicom")
+    series = tmp_path / "ct"
+    series.mkdir()
+    files = dicom_series_files(shared_data("totalseg_dicom", "example_ct_dicom"))[:4]
+    for i, f in enumerate(files):
+        ds = pydicom.dcmread(f)
+        if i == 1:  # shifted half a pixel along x: SimpleITK still reads a series, but slice 1 is not on its grid
+            ds.ImagePositionPatient[0] = float(ds.ImagePositionPatient[0]) + 0.5 * float(ds.PixelSpacing[1])
+        ds.save_as(series / f.name)
+    out = tmp_path / "out"
+    with pytest.raises(PredictionFailed) as info:
+        predict_path(run, series, out, device="cpu")
+    (failure,) = info.value.failures
+    assert failure.case == "ct" and f"{files[1].name}: position" in failure.problem
+    assert "not on a slice of its grid" in failure.problem
+    assert not list(out.iterdir())
