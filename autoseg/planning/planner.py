@@ -191,7 +191,12 @@ def make_plans(
         from autoseg.planning.nnunet import plan_nnunet
 
         plans = plan_nnunet(fingerprint, preset, gpu_memory_gb=gpu_memory_gb)
-        plans = dataclasses.replace(plans, autoseg_version=_version())
+        preset_why = (
+            "augmentation in the CPU data loader, as nnU-Net does (--set augmentation.device=gpu moves it to the GPU)"
+        )
+        plans = _place_augmentation(
+            dataclasses.replace(plans, autoseg_version=_version()), rules.Decision("cpu", preset_why)
+        )
         if cross_validation is not None:
             plans = dataclasses.replace(plans, cross_validation=cross_validation)
         return apply_overrides(plans, overrides)
@@ -249,7 +254,18 @@ def make_plans(
         why=tuple(why),
         autoseg_version=_version(),
     )
-    return apply_overrides(plans, overrides)
+    return apply_overrides(_place_augmentation(plans, rules.augmentation_device(plans.device.kind)), overrides)
+
+
+def _place_augmentation(plans: Plans, where: rules.Decision[str]) -> Plans:
+    """Every configuration augments ``where.value``, with the reason."""
+    configs = {
+        n: dataclasses.replace(c, augmentation=dataclasses.replace(c.augmentation, device=where.value)).with_reason(
+            where.why
+        )
+        for n, c in plans.configurations.items()
+    }
+    return dataclasses.replace(plans, configurations=configs)
 
 
 def _fit_time(

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from autoseg.data.labels import foreground_values, n_outputs
+from autoseg.errors import ConfigError
 from autoseg.networks.spec import GRAD_CLIP, LossSpec, NetworkSpec
 from autoseg.runfolder import RunFolder
 from autoseg.serialization import load_json, save_json
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "FORMAT",
+    "AUGMENTATION_DEVICES",
     "NetworkSpec",
     "ChannelNormalization",
     "ResamplingSpec",
@@ -39,6 +41,8 @@ __all__ = [
 ]
 
 FORMAT = 1
+#: Where augmentation runs: the CPU data loader, or whole batches on the training device.
+AUGMENTATION_DEVICES = ("cpu", "gpu")
 
 
 @dataclass(frozen=True)
@@ -77,7 +81,9 @@ class ResamplingSpec:
 class AugmentationSpec:
     """Spatial and intensity augmentation. Angles in degrees; probabilities per sample.
 
-    ``strength`` scales every range and probability (1.0 = the defaults); the search tunes it.
+    ``strength`` scales every range and probability (1.0 = the defaults); the search tunes it. ``device`` says
+    where it runs: ``cpu`` in the data loader's worker processes, or ``gpu``: the loader only crops and the trainer
+    augments whole batches on the training device (:mod:`autoseg.training.batch_augmentation`).
     """
 
     mirror_axes: tuple[int, ...]
@@ -95,6 +101,13 @@ class AugmentationSpec:
     p_low_resolution: float = 0.25
     p_gamma: float = 0.3
     strength: float = 1.0
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if self.device not in AUGMENTATION_DEVICES:
+            raise ConfigError(
+                f"augmentation.device {self.device!r} unknown; choose {' or '.join(AUGMENTATION_DEVICES)}"
+            )
 
 
 @dataclass(frozen=True)

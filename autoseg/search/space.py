@@ -322,7 +322,11 @@ def build_candidate(
     epochs_scale = min(float(params["epochs_scale"]), 1.0 / ratio)
     if epochs_scale < params["epochs_scale"]:
         notes.append(f"training length capped at x{epochs_scale:.2f} (the rule plan's compute)")
-    augmentation = c.augmentation if patch == tuple(c.patch_size) else rules.augmentation_for_patch(patch).value
+    augmentation = (
+        c.augmentation
+        if patch == tuple(c.patch_size)
+        else dataclasses.replace(rules.augmentation_for_patch(patch).value, device=c.augmentation.device)
+    )
     configuration = dataclasses.replace(
         c,
         why=c.why + tuple(f"search: {note}" for note in notes),

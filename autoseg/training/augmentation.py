@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 from batchgenerators.transforms.abstract_transforms import AbstractTransform, Compose
@@ -33,7 +34,15 @@ from batchgenerators.transforms.spatial_transforms import MirrorTransform, Spati
 from autoseg.planning.plans import AugmentationSpec
 from autoseg.training.cascade import PreviousStageToData
 
-__all__ = ["sampling_patch_size", "build_transforms", "deep_supervision_scales", "DownsampleTargets"]
+__all__ = [
+    "AugmentationRanges",
+    "augmentation_ranges",
+    "sampling_patch_size",
+    "build_transforms",
+    "deep_supervision_scales",
+    "target_slices",
+    "DownsampleTargets",
+]
 
 
 def _rotated_extent(patch: np.ndarray, angle: float) -> np.ndarray:
@@ -93,6 +102,11 @@ def deep_supervision_scales(strides: Sequence[Sequence[int]], n_outputs: int) ->
     return scales[:n_outputs]
 
 
+def target_slices(scale: Sequence[float]) -> tuple[slice, ...]:
+    """Index of a (B, C, *spatial) label batch at one deep-supervision scale: nearest, by strided slicing."""
+    return (slice(None), slice(None), *[slice(0, None, round(1 / s)) for s in scale])
+
+
 class DownsampleTargets(AbstractTransform):
     """Replace ``seg`` by a list of label maps at each deep-supervision scale (nearest, by strided slicing)."""
 
@@ -105,10 +119,80 @@ class DownsampleTargets(AbstractTransform):
             if all(s == 1 for s in scale):
                 out.append(seg)
                 continue
-            step = [round(1 / s) for s in scale]
-            out.append(np.ascontiguousarray(seg[(slice(None), slice(None), *[slice(0, None, k) for k in step])]))
+            out.append(np.ascontiguousarray(seg[target_slices(scale)]))
         d["seg"] = out
         return d
+
+
+@dataclass(frozen=True)
+class AugmentationRanges:
+    """Every probability and range of the training augmentation, after ``strength`` (one set, for both pipelines).
+
+    Probabilities are per sample unless named per channel. Angles in radians; ``scale`` multiplies the sampling
+    coordinates (below 1 zooms in); ``noise_std`` is the range of the Gaussian noise's standard deviation;
+    ``blur_sigma`` and ``elastic_sigma`` are in voxels; ``zoom`` is the low-resolution factor.
+    """
+
+    dummy_2d: bool
+    mirror_axes: tuple[int, ...]
+    max_angle: float
+    p_rotation: float
+    scale: tuple[float, float]
+    p_scale: float
+    elastic: bool
+    p_elastic: float
+    elastic_alpha: tuple[float, float]
+    elastic_sigma: tuple[float, float]
+    p_noise: float
+    noise_std: tuple[float, float]
+    p_blur: float
+    p_blur_channel: float
+    blur_sigma: tuple[float, float]
+    p_brightness: float
+    brightness: tuple[float, float]
+    p_contrast: float
+    contrast: tuple[float, float]
+    p_low_resolution: float
+    p_low_resolution_channel: float
+    zoom: tuple[float, float]
+    p_gamma_inverted: float
+    p_gamma: float
+    gamma: tuple[float, float]
+
+
+def augmentation_ranges(spec: AugmentationSpec) -> AugmentationRanges:
+    """The ranges of ``spec``: nnU-Net's defaults, each scaled by ``spec.strength`` around its neutral value."""
+    k = spec.strength
+    p = lambda value: min(1.0, value * k)  # noqa: E731
+    scale_lo, scale_hi = spec.scale_range
+    gamma = (max(0.3, 1 - 0.3 * k), 1 + 0.5 * k)
+    return AugmentationRanges(
+        dummy_2d=spec.dummy_2d,
+        mirror_axes=tuple(spec.mirror_axes),
+        max_angle=math.radians(spec.rotation_deg * k),
+        p_rotation=p(spec.p_rotation),
+        scale=(1 - (1 - scale_lo) * k, 1 + (scale_hi - 1) * k),
+        p_scale=p(spec.p_scale),
+        elastic=spec.elastic,
+        p_elastic=p(spec.p_elastic),
+        elastic_alpha=(0.0, 200.0 * k),
+        elastic_sigma=(9.0, 13.0),
+        p_noise=p(spec.p_noise),
+        noise_std=(0.0, 0.1 * k),
+        p_blur=p(spec.p_blur),
+        p_blur_channel=0.5,
+        blur_sigma=(0.5, 0.5 + 0.5 * k),
+        p_brightness=p(spec.p_brightness),
+        brightness=(1 - 0.25 * k, 1 + 0.25 * k),
+        p_contrast=p(spec.p_contrast),
+        contrast=(1 - 0.25 * k, 1 + 0.25 * k),
+        p_low_resolution=p(spec.p_low_resolution),
+        p_low_resolution_channel=0.5,
+        zoom=(max(0.25, 1 - 0.5 * k), 1.0),
+        p_gamma_inverted=p(0.1),
+        p_gamma=p(spec.p_gamma),
+        gamma=gamma,
+    )
 
 
 def build_transforms(
@@ -123,12 +207,10 @@ def build_transforms(
     ``previous_stage_values``: a cascade stage, whose batches carry the previous stage's labels as a second label
     channel; they are transformed spatially with the labels, then become perturbed one-hot input channels.
     """
-    k = spec.strength
+    r = augmentation_ranges(spec)
     ndim = len(patch_size)
-    angle = math.radians(spec.rotation_deg * k)
+    angle = r.max_angle
     spatial_patch = tuple(patch_size[1:]) if spec.dummy_2d else tuple(patch_size)
-    scale_lo, scale_hi = spec.scale_range
-    scale = (1 - (1 - scale_lo) * k, 1 + (scale_hi - 1) * k)
     transforms: list[AbstractTransform] = []
     if spec.dummy_2d:
         transforms.append(_To2D())
@@ -136,15 +218,15 @@ def build_transforms(
         SpatialTransform(
             spatial_patch,
             patch_center_dist_from_border=None,
-            do_elastic_deform=spec.elastic,
-            alpha=(0.0, 200.0 * k),
-            sigma=(9.0, 13.0),
+            do_elastic_deform=r.elastic,
+            alpha=r.elastic_alpha,
+            sigma=r.elastic_sigma,
             do_rotation=spec.p_rotation > 0,
             angle_x=(-angle, angle),
             angle_y=(-angle, angle) if ndim == 3 and not spec.dummy_2d else (0, 0),
             angle_z=(-angle, angle) if ndim == 3 and not spec.dummy_2d else (0, 0),
             do_scale=spec.p_scale > 0,
-            scale=scale,
+            scale=r.scale,
             border_mode_data="constant",
             border_cval_data=0,
             order_data=1,
@@ -152,47 +234,34 @@ def build_transforms(
             border_cval_seg=0,
             order_seg=0,
             random_crop=False,
-            p_el_per_sample=min(1.0, spec.p_elastic * k),
-            p_scale_per_sample=min(1.0, spec.p_scale * k),
-            p_rot_per_sample=min(1.0, spec.p_rotation * k),
+            p_el_per_sample=r.p_elastic,
+            p_scale_per_sample=r.p_scale,
+            p_rot_per_sample=r.p_rotation,
             independent_scale_for_each_axis=False,
         )
     )
     if spec.dummy_2d:
         transforms.append(_To3D())
-    p = lambda value: min(1.0, value * k)  # noqa: E731
     transforms += [
-        GaussianNoiseTransform(noise_variance=(0, 0.1 * k), p_per_sample=p(spec.p_noise)),
+        GaussianNoiseTransform(noise_variance=r.noise_std, p_per_sample=r.p_noise),  # drawn as the std
         GaussianBlurTransform(
-            (0.5, 0.5 + 0.5 * k), different_sigma_per_channel=True, p_per_sample=p(spec.p_blur), p_per_channel=0.5
+            r.blur_sigma, different_sigma_per_channel=True, p_per_sample=r.p_blur, p_per_channel=r.p_blur_channel
         ),
-        BrightnessMultiplicativeTransform(
-            multiplier_range=(1 - 0.25 * k, 1 + 0.25 * k), p_per_sample=p(spec.p_brightness)
-        ),
-        ContrastAugmentationTransform(contrast_range=(1 - 0.25 * k, 1 + 0.25 * k), p_per_sample=p(spec.p_contrast)),
+        BrightnessMultiplicativeTransform(multiplier_range=r.brightness, p_per_sample=r.p_brightness),
+        ContrastAugmentationTransform(contrast_range=r.contrast, p_per_sample=r.p_contrast),
         SimulateLowResolutionTransform(
-            zoom_range=(max(0.25, 1 - 0.5 * k), 1),
+            zoom_range=r.zoom,
             per_channel=True,
-            p_per_channel=0.5,
+            p_per_channel=r.p_low_resolution_channel,
             order_downsample=0,
             order_upsample=1,
-            p_per_sample=p(spec.p_low_resolution),
+            p_per_sample=r.p_low_resolution,
             ignore_axes=(0,) if spec.dummy_2d else None,
         ),
         GammaTransform(
-            (max(0.3, 1 - 0.3 * k), 1 + 0.5 * k),
-            invert_image=True,
-            per_channel=True,
-            retain_stats=True,
-            p_per_sample=p(0.1),
+            r.gamma, invert_image=True, per_channel=True, retain_stats=True, p_per_sample=r.p_gamma_inverted
         ),
-        GammaTransform(
-            (max(0.3, 1 - 0.3 * k), 1 + 0.5 * k),
-            invert_image=False,
-            per_channel=True,
-            retain_stats=True,
-            p_per_sample=p(spec.p_gamma),
-        ),
+        GammaTransform(r.gamma, invert_image=False, per_channel=True, retain_stats=True, p_per_sample=r.p_gamma),
     ]
     if spec.mirror_axes:
         transforms.append(MirrorTransform(tuple(spec.mirror_axes)))

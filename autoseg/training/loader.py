@@ -59,7 +59,11 @@ class CaseSource(Protocol):
 
 @dataclass(frozen=True)
 class BatchRecipe:
-    """Everything needed to make batch ``b`` (picklable, sent to workers)."""
+    """Everything needed to make batch ``b`` (picklable, sent to workers).
+
+    Patches are cut at ``sampling_patch_size``; ``augmentation`` (when not None) brings them to ``patch_size``.
+    Without it the loader only crops: at ``patch_size`` for validation, or enlarged for augmentation on the device.
+    """
 
     case_ids: tuple[str, ...]
     patch_size: tuple[int, ...]
@@ -139,8 +143,7 @@ def make_batch(source: CaseSource, recipe: BatchRecipe, index: int, transforms=N
     n_random = round(recipe.batch_size * (1 - recipe.oversample_foreground))
     for i in range(recipe.batch_size):
         case = source.open(recipe.case_ids[int(rng.integers(len(recipe.case_ids)))])
-        size = recipe.sampling_patch_size if recipe.augmentation is not None else recipe.patch_size
-        image, label = sample_patch(case, size, i >= n_random, rng, final_size=recipe.patch_size)
+        image, label = sample_patch(case, recipe.sampling_patch_size, i >= n_random, rng, final_size=recipe.patch_size)
         images.append(image)
         labels.append(label)
     batch = {"data": np.stack(images).astype(np.float32, copy=False), "seg": np.stack(labels)}

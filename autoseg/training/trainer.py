@@ -11,6 +11,7 @@ scaler, RNG states and the epoch, so a run killed anywhere and started again con
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -37,6 +38,7 @@ from autoseg.preprocessing.store import list_cases, preprocessed_folder, read_ca
 from autoseg.runfolder import fold_dir
 from autoseg.serialization import to_jsonable
 from autoseg.training.augmentation import deep_supervision_scales, sampling_patch_size
+from autoseg.training.batch_augmentation import augment_batch, batch_generator
 from autoseg.training.cascade import prepare_previous_stage
 from autoseg.training.checkpoint import load_checkpoint, save_checkpoint
 from autoseg.training.curves import plot_training_curves
@@ -118,7 +120,10 @@ def _optimizer(configuration: Configuration, params) -> torch.optim.Optimizer:
 
 
 def _recipes(plans: Plans, c: Configuration, train_ids, val_ids, n_ds: int, seed: int) -> tuple[BatchRecipe, ...]:
+    """Training and validation batches; with ``augmentation.device`` gpu the loader only crops training patches
+    (enlarged for rotation) and :func:`_augment_on_device` does the rest."""
     scales = tuple(deep_supervision_scales(c.network.strides, n_ds)) if n_ds > 1 else None
+    on_loader = not _augments_on_device(c)
     train = BatchRecipe(
         previous_stage_values=plans.foreground_values if c.previous_stage else None,
         case_ids=tuple(train_ids),
@@ -126,8 +131,8 @@ def _recipes(plans: Plans, c: Configuration, train_ids, val_ids, n_ds: int, seed
         sampling_patch_size=sampling_patch_size(c.patch_size, c.augmentation),
         batch_size=c.batch_size,
         oversample_foreground=c.foreground_oversampling,
-        augmentation=c.augmentation,
-        ds_scales=scales,
+        augmentation=c.augmentation if on_loader else None,
+        ds_scales=scales if on_loader else None,
         seed=seed,
     )
     val = dataclasses.replace(
@@ -135,9 +140,16 @@ def _recipes(plans: Plans, c: Configuration, train_ids, val_ids, n_ds: int, seed
         case_ids=tuple(val_ids or train_ids),
         sampling_patch_size=tuple(c.patch_size),
         augmentation=None,
+        ds_scales=scales,
         seed=seed + 1,
     )
     return train, val
+
+
+def _augments_on_device(c: Configuration) -> bool:
+    """``augmentation.device`` gpu, except for a cascade stage: the loader transforms its previous-stage labels with
+    the labels (batch augmentation does not know them)."""
+    return c.augmentation.device == "gpu" and c.previous_stage is None
 
 
 def _pseudo_dice_counts(output: torch.Tensor, target: torch.Tensor, plans: Plans) -> np.ndarray:
@@ -306,6 +318,13 @@ def _train(
         workers,
     )
     last_epoch = t.epochs if options.stop_after_epochs is None else min(t.epochs, options.stop_after_epochs)
+    prepare = functools.partial(_to, device=device)
+    if c.augmentation.device == "gpu" and not _augments_on_device(c):
+        log.info("cascade stage: augmentation stays in the loader, with the previous stage's labels")
+    if _augments_on_device(c):
+        log.info("augmentation on %s: whole batches, after the loader's crop", device)
+        scales = tuple(deep_supervision_scales(c.network.strides, n_ds)) if n_ds > 1 else None
+        prepare = functools.partial(_augment_on_device, c=c, scales=scales, seed=train_recipe.seed, device=device)
     with BatchLoader(source, train_recipe, workers=workers, start=start_epoch * t.iterations_per_epoch) as batches:
         for epoch in range(start_epoch, last_epoch):
             record = _run_epoch(
@@ -314,6 +333,7 @@ def _train(
                 scaler,
                 loss_fn,
                 batches,
+                prepare,
                 source,
                 val_recipe if main else None,
                 plans,
@@ -335,14 +355,22 @@ def _train(
     return out
 
 
-def _to(batch: dict, device: torch.device) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def _to(batch: dict, index: int = 0, *, device: torch.device) -> tuple[torch.Tensor, list[torch.Tensor]]:
     data = torch.from_numpy(batch["data"]).to(device, non_blocking=True)
     targets = [torch.from_numpy(t).to(device, non_blocking=True).long() for t in batch["target"]]
     return data, targets
 
 
+def _augment_on_device(
+    batch: dict, index: int, *, c: Configuration, scales, seed: int, device: torch.device
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Training batch ``index`` (the loader's crop) augmented on ``device``; depends only on (seed, index)."""
+    data, (seg,) = _to(batch, device=device)
+    return augment_batch(data, seg, c.augmentation, c.patch_size, batch_generator(seed, index), ds_scales=scales)
+
+
 def _run_epoch(
-    network, optimizer, scaler, loss_fn, batches, source, val_recipe, plans, c, epoch, device, dtype
+    network, optimizer, scaler, loss_fn, batches, prepare, source, val_recipe, plans, c, epoch, device, dtype
 ) -> dict:
     t = c.training
     lr = _lr(c, epoch)
@@ -354,8 +382,8 @@ def _run_epoch(
     start, losses = time.perf_counter(), []
     # a bar per epoch on a terminal (rate and ETA of the epoch); logs get the line per epoch only
     bar = tqdm(total=t.iterations_per_epoch, desc=f"epoch {epoch + 1}", unit="it", leave=False, disable=None)
-    for _ in range(t.iterations_per_epoch):
-        data, targets = _to(next(batches), device)
+    for i in range(t.iterations_per_epoch):
+        data, targets = prepare(next(batches), epoch * t.iterations_per_epoch + i)
         losses.append(
             train_step(network, optimizer, scaler, loss_fn, data, targets, dtype=dtype, grad_clip=t.grad_clip)
         )
@@ -371,7 +399,7 @@ def _run_epoch(
     val_losses: list[float] = []
     with torch.no_grad(), BatchLoader(source, val_recipe, workers=0, start=epoch * t.val_iterations) as val_batches:
         for _ in range(t.val_iterations):
-            data, targets = _to(next(val_batches), device)
+            data, targets = _to(next(val_batches), device=device)
             with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                 outputs = local(data)
             val_losses.append(float(loss_fn(outputs, targets if isinstance(outputs, (list, tuple)) else targets[0])))

@@ -188,3 +188,21 @@ def test_weighted_median_object_volume():
     assert _weighted_median(np.array([1.0] * 99 + [1000.0])) == 1000.0  # 91% of the voxels are in the big one
     assert _weighted_median(np.array([5.0, 5.0, 5.0])) == 5.0
     assert _weighted_median(np.array([1.0, 2.0, 3.0, 4.0])) == 3.0  # 6 of 10 voxels are in objects >= 3
+
+
+def test_augmentation_runs_on_the_gpu_for_a_cuda_plan():
+    """On for a GPU plan, off for a CPU plan and in the nnU-Net presets (as nnU-Net), each with its reason; --set
+    overrides."""
+    fp = FINGERPRINTS["Dataset004_Hippocampus"]
+    for c in _plan(fp, 24).configurations.values():
+        assert c.augmentation.device == "gpu" and any("augmentation on the GPU" in w for w in c.why)
+    for plans in (_plan(fp, "cpu"), make_plans(fp, preset="nnunet")):
+        for c in plans.configurations.values():
+            assert c.augmentation.device == "cpu" and any("CPU data loader" in w for w in c.why)
+    preset = make_plans(fp, preset="nnunet", overrides=["augmentation.device=gpu"])
+    assert {c.augmentation.device for c in preset.configurations.values()} == {"gpu"}
+    forced = make_plans(fp, gpu_memory_gb=24, overrides=["augmentation.device=cpu"])
+    assert {c.augmentation.device for c in forced.configurations.values()} == {"cpu"}
+    assert from_jsonable(Plans, to_jsonable(forced)) == forced
+    with pytest.raises(ConfigError, match="augmentation.device 'tpu' unknown; choose cpu or gpu"):
+        make_plans(fp, gpu_memory_gb=24, overrides=["augmentation.device=tpu"])

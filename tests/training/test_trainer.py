@@ -79,30 +79,39 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
     return load_checkpoint(folder / "checkpoint_final.pt")["network"]
 
 
-def test_resume_gives_identical_weights(run_dir, tmp_path):
+def _straight_and_resumed(run_dir: Path, plans: Plans, fold: int, stop_after: int, name: str) -> tuple[Path, Path]:
+    """Train ``fold`` straight through in a copy of ``run_dir``, and in ``run_dir`` "killed" after ``stop_after``
+    epochs then run again; returns both fold folders."""
     options = TrainOptions(device="cpu", workers=0, deterministic=True)
-    plans = load_plans(run_dir)
-    straight = run_dir.parent / "straight"
+    straight = run_dir.parent / name
     straight.mkdir()
-    for name in ("plans.json", "fingerprint.json"):
-        (straight / name).write_bytes((run_dir / name).read_bytes())
+    for file in ("plans.json", "fingerprint.json"):
+        (straight / file).write_bytes((run_dir / file).read_bytes())
     (straight / "preprocessed").symlink_to(run_dir / "preprocessed")
-    a = train_fold(straight, "3d_fullres", 0, plans=plans, options=options)
-    # "kill" after 2 of 4 epochs, then run the same command again
+    a = train_fold(straight, "3d_fullres", fold, plans=plans, options=options)
     b = train_fold(
         run_dir,
         "3d_fullres",
-        0,
+        fold,
         plans=plans,
-        options=TrainOptions(device="cpu", workers=1, deterministic=True, stop_after_epochs=2),
+        options=TrainOptions(device="cpu", workers=1, deterministic=True, stop_after_epochs=stop_after),
     )
     assert not (b / "checkpoint_final.pt").exists()
-    assert load_checkpoint(b / "checkpoint_latest.pt")["epoch"] == 2
-    train_fold(run_dir, "3d_fullres", 0, plans=plans, options=options)
+    assert load_checkpoint(b / "checkpoint_latest.pt")["epoch"] == stop_after
+    train_fold(run_dir, "3d_fullres", fold, plans=plans, options=options)
+    return a, b
+
+
+def _assert_same_weights(a: Path, b: Path) -> None:
     wa, wb = _weights(a), _weights(b)
     assert wa.keys() == wb.keys()
     for key in wa:
         torch.testing.assert_close(wa[key], wb[key], rtol=0, atol=0)
+
+
+def test_resume_gives_identical_weights(run_dir):
+    a, b = _straight_and_resumed(run_dir, load_plans(run_dir), 0, 2, "straight")
+    _assert_same_weights(a, b)
     log = [json.loads(line) for line in (b / "log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in log] == [0, 1, 2, 3]
     assert log[-1]["lr"] < log[0]["lr"]
@@ -111,6 +120,16 @@ def test_resume_gives_identical_weights(run_dir, tmp_path):
     assert "epoch 4/4" in (b / "training.log").read_text()
     # checkpoints hold no arbitrary pickles
     torch.load(b / "checkpoint_final.pt", weights_only=True)
+
+
+def test_resume_with_augmentation_on_the_device_is_exact(run_dir):
+    """``augmentation.device=gpu`` (here on CPU tensors): the loader only crops, the trainer augments each batch
+    from (seed, batch index), so a resumed run still continues the same trajectory."""
+    plans = apply_overrides(load_plans(run_dir), ["augmentation.device=gpu", "training.epochs=2"])
+    a, b = _straight_and_resumed(run_dir, plans, 4, 1, "straight_gpu")
+    _assert_same_weights(a, b)
+    assert "augmentation on cpu: whole batches" in (b / "training.log").read_text()
+    assert json.loads((b / "configuration.json").read_text())["augmentation"]["device"] == "gpu"
 
 
 def test_callback_can_stop_training(run_dir):
