@@ -20,7 +20,8 @@ from autoseg.planning.plans import Plans, load_plans
 from autoseg.preprocessing.preprocess import preprocess
 from autoseg.runfolder import RunFolder, record_dataset
 from autoseg.training.distributed import is_main_process
-from autoseg.training.jobs import Job, detect_devices, run_jobs
+from autoseg.training.executors import ExecutorOptions, make_executor
+from autoseg.training.jobs import Job, JobSpec, detect_devices, job_task, run_jobs
 from autoseg.training.splits import load_or_make_splits
 from autoseg.training.trainer import TrainOptions, train_fold
 
@@ -72,10 +73,12 @@ def train_jobs(
     options: TrainOptions | None = None,
     validate: bool = True,
     progress: Callable[[int, int], None] | None = None,
+    executor: ExecutorOptions | None = None,
 ) -> None:
     """Train (configuration, fold) jobs that are not finished (:func:`fold_finished`): in this process on a CPU,
-    else spread on GPUs. Each job is :func:`train_and_validate` (``validate`` False skips the validation cases);
-    ``progress(done, total)`` is called as jobs end.
+    else spread on GPUs; or, with a cluster ``executor`` (Ray, SLURM), one task each there, placed by the engine.
+    Each job is :func:`train_and_validate` (``validate`` False skips the validation cases); ``progress(done,
+    total)`` is called as jobs end.
 
     ``overrides`` (``key=value``) are applied to ``plans`` by each job, which records them with its fold.
     """
@@ -99,9 +102,12 @@ def train_jobs(
     if not jobs:
         log.info("every requested fold is trained")
         return
-    device_list = detect_devices(devices)
     if progress is not None:
         progress(0, len(jobs))
+    if executor is not None and executor.name != "local":
+        _run_on_cluster(run_dir, plans, jobs, executor, overrides, options.workers, validate, progress)
+        return
+    device_list = detect_devices(devices)
     if in_process or (in_process is None and device_list == ["cpu"]):
         for done, job in enumerate(jobs, 1):
             train_and_validate(
@@ -119,11 +125,40 @@ def train_jobs(
     results = run_jobs(
         run_dir, jobs, device_list, overrides=overrides, workers=options.workers, validate=validate, progress=progress
     )
-    failed = [r for r in results if not r.ok]
+    _check_results([(f"{r.job.config} fold {r.job.fold}", r.log, r.ok) for r in results])
+
+
+def _run_on_cluster(
+    run_dir: Path,
+    plans: Plans,
+    jobs: Sequence[Job],
+    executor: ExecutorOptions,
+    overrides: Sequence[str],
+    workers: int | None,
+    validate: bool,
+    progress: Callable[[int, int], None] | None,
+) -> None:
+    """Each job as a task of the cluster ``executor``, with the plan's GPUs per job (none for a CPU plan)."""
+    runner = make_executor(executor, run_dir)
+    settings = (tuple(overrides), "auto", workers, validate)
+    tasks = [
+        job_task(JobSpec(str(run_dir), j.config, j.fold, *settings), j.gpus if plans.device.kind == "cuda" else 0)
+        for j in jobs
+    ]
+    try:
+        results = runner.run(tasks, progress)
+    finally:
+        runner.close()
+    _check_results([(r.task.name, r.task.log, r.ok) for r in results])
+
+
+def _check_results(results: Sequence[tuple[str, Path, bool]]) -> None:
+    """Raise TrainingError naming every failed job (name, log, ok) and its log."""
+    failed = [(name, path) for name, path, ok in results if not ok]
     if failed:
         raise TrainingError(
             f"{len(failed)} of {len(results)} training job(s) failed: "
-            + ", ".join(f"{r.job.config} fold {r.job.fold} (log {r.log})" for r in failed)
+            + ", ".join(f"{name} (log {path})" for name, path in failed)
         )
 
 
@@ -176,8 +211,13 @@ def run_pipeline(
     n_folds: int = 5,
     cross_validation: bool | None = None,
     progress: Progress | None = None,
+    executor: ExecutorOptions | None = None,
+    search_workers: int = 2,
 ):
-    """Run every stage up to ``select``; returns the Selection."""
+    """Run every stage up to ``select``; returns the Selection.
+
+    ``executor``: where the search workers (``search_workers`` of them) and the training jobs run (default: this
+    machine); the stages before and ``select`` run here."""
     from autoseg.inference.select import select
 
     data_dir, run_dir = Path(data_dir), Path(run_dir)
@@ -224,7 +264,15 @@ def run_pipeline(
         from autoseg.search import search
 
         # only what was preprocessed competes; one name fixes the configuration, several are searched over
-        search(run_dir, trials=search_trials or None, time_budget_hours=search_hours, config=names, device=device)
+        search(
+            run_dir,
+            trials=search_trials or None,
+            time_budget_hours=search_hours,
+            config=names,
+            device=device,
+            executor=executor,
+            search_workers=search_workers,
+        )
         plans = load_plans(run_dir)
     train_jobs(
         run_dir,
@@ -234,6 +282,7 @@ def run_pipeline(
         devices=devices,
         options=TrainOptions(device=device),
         progress=progress("train (jobs)") if progress else None,
+        executor=executor,
     )
     if not plans.cross_validation and folds in ("cv", ["cv"]):
         log.warning("the plan trains one model on all cases (small time budget): no cross-validation to select from")

@@ -11,6 +11,7 @@ Layout (every path in the package comes from :class:`RunFolder`)::
     RUN/selection.json            autoseg select
     RUN/references/               links to the training labels under the names predictions get
     RUN/search/                   autoseg search: study and trial folders
+    RUN/cluster/                  the cluster executor's own files (submitit's job scripts and logs)
 
 A model bundle (``autoseg export``) unpacks to a run folder with plans.json, selection.json, the exported folds'
 weights, ``training_data.json`` (the fingerprint's dataset-level summary) and ``manifest.json``.
@@ -77,6 +78,11 @@ class RunFolder:
     @property
     def search(self) -> Path:
         return self.root / "search"
+
+    @property
+    def cluster(self) -> Path:
+        """The cluster executor's own files (``--executor slurm``: submitit's job scripts, pickles and logs)."""
+        return self.root / "cluster"
 
     @property
     def preprocessed_root(self) -> Path:
