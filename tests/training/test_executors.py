@@ -1,6 +1,7 @@
 """Jobs on a cluster executor: a local Ray cluster (two worker processes) and submitit's local executor run a tiny
 run's (configuration, fold) jobs once each, a job whose Ray worker is killed mid-run is retried and resumes, and
-the run folder ends exactly as with the local executor (same files, same weights)."""
+the run folder ends exactly as with the local executor (same files, same weights); search workers on Ray share
+one study."""
 
 from __future__ import annotations
 
@@ -8,18 +9,23 @@ import os
 import re
 import shutil
 import signal
+import socket
 import threading
 import time
 from pathlib import Path
 
+import optuna
 import pytest
 import torch
+from optuna.storages.journal import JournalFileBackend
 
+from autoseg.cli import _executor, build_parser
 from autoseg.errors import ConfigError
 from autoseg.pipeline import train_jobs
 from autoseg.planning.plans import load_plans
+from autoseg.search import search
 from autoseg.training.checkpoint import load_checkpoint
-from autoseg.training.executors import ExecutorOptions, check_shared_folder
+from autoseg.training.executors import EXECUTORS, ExecutorOptions, check_shared_folder
 from autoseg.training.trainer import TrainOptions
 from tests.training.test_trainer import make_tiny_run
 
@@ -104,20 +110,29 @@ def _kill_worker_mid_run(run: Path, fold: str, killed: list[int]) -> None:
         time.sleep(0.01)
 
 
-@pytest.mark.timeout(300)
-def test_ray_runs_each_job_once_retries_a_killed_worker_and_matches_local(prepared, local_run, tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A local Ray cluster of two worker processes (one CPU each)."""
     ray = pytest.importorskip("ray")
+    niceness = os.environ.get("RAY_worker_niceness")
+    os.environ["RAY_worker_niceness"] = "0"  # Ray's default (15) starves the jobs on a busy machine
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+    if niceness is None:
+        del os.environ["RAY_worker_niceness"]
+    else:
+        os.environ["RAY_worker_niceness"] = niceness
+
+
+@pytest.mark.timeout(300)
+def test_ray_runs_each_job_once_retries_a_killed_worker_and_matches_local(prepared, local_run, ray_cluster, tmp_path):
     run = _copy(prepared, tmp_path / "run")
-    monkeypatch.setenv("RAY_worker_niceness", "0")  # Ray's default (15) starves the jobs on a busy machine
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)  # a local cluster: two worker processes
-    try:
-        killed: list[int] = []
-        killer = threading.Thread(target=_kill_worker_mid_run, args=(run, "0", killed))
-        killer.start()
-        _train(run, ExecutorOptions("ray", max_retries=2))
-        killer.join()
-    finally:
-        ray.shutdown()
+    killed: list[int] = []
+    killer = threading.Thread(target=_kill_worker_mid_run, args=(run, "0", killed))
+    killer.start()
+    _train(run, ExecutorOptions("ray", max_retries=2))
+    killer.join()
     assert killed, "the test did not kill fold 0's worker mid-run"
     assert _attempts(run, "1") == 1 and _attempts(run, "0") == 2  # once each; the killed one retried once
     log0 = (run / "models" / "3d_fullres" / "fold_0" / "job.log").read_text()
@@ -133,6 +148,45 @@ def test_submitit_local_executor_runs_the_same_jobs(prepared, local_run, tmp_pat
     assert [_attempts(run, f) for f in FOLDS] == [1, 1]
     assert (run / "cluster" / "submitit").is_dir()  # submitit's own files, beside the results
     _same_as_local(run, local_run)
+
+
+@pytest.mark.timeout(300)
+def test_search_workers_run_on_ray_and_share_one_study(prepared, ray_cluster, tmp_path):
+    run = _copy(prepared, tmp_path / "run")
+    result = search(
+        run,
+        trials=2,
+        study_name="cluster",
+        config="3d_fullres",
+        value="pseudo_dice",
+        budget_epochs=1,
+        workers=0,
+        device="cpu",
+        measure_steps=False,
+        executor=ExecutorOptions("ray"),
+        search_workers=2,
+    )
+    assert (result.n_complete, result.n_pruned, result.n_failed) in [(2, 0, 0), (1, 1, 0)]
+    assert [p.name for p in sorted((run / "search" / "cluster").glob("worker_*.log"))] == [
+        "worker_0.log",
+        "worker_1.log",
+    ]
+    storage = optuna.storages.JournalStorage(JournalFileBackend(str(run / "search" / "journal.log")))
+    trials = optuna.load_study(study_name="cluster", storage=storage).get_trials()
+    here = f"{socket.gethostname()}:{os.getpid()}"
+    assert trials and all(t.user_attrs["worker"] != here for t in trials)  # the workers ran them, not this process
+    assert load_plans(run).search["study"] == "cluster"
+
+
+def test_cli_executor_options():
+    args = build_parser().parse_args(
+        ["train", "RUN", "--executor", "slurm", "--slurm-partition", "gpu", "--slurm-time", "90", "--cpus-per-job", "8"]
+    )
+    assert _executor(args) == ExecutorOptions("slurm", cpus_per_task=8, slurm_partition="gpu", slurm_time_minutes=90)
+    for name in EXECUTORS:  # the CLI offers every executor there is
+        assert build_parser().parse_args(["run", "DATA", "-o", "RUN", "--executor", name]).executor == name
+    with pytest.raises(ConfigError, match="unknown"):
+        ExecutorOptions("kubernetes")
 
 
 def test_a_run_folder_that_cannot_be_written_is_refused(tmp_path):
