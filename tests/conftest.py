@@ -22,7 +22,14 @@ SHARED_DATA = SHARED / "data"
 
 
 #: Substrings of skip reasons for what CI provides.
-CI_PROVIDES = ("../shared", "PostgreSQL", "could not import 'medpy", "could not import 'surface_distance")
+CI_PROVIDES = (
+    "../shared",
+    "PostgreSQL",
+    "could not import 'medpy",
+    "could not import 'surface_distance",
+    "could not import 'ray",
+    "could not import 'submitit",
+)
 
 
 def ci_must_run(reason: str) -> bool:

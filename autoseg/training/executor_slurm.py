@@ -20,6 +20,7 @@ from typing import Any
 
 import submitit
 
+from autoseg.errors import ConfigError
 from autoseg.processes import sigterm_raises
 from autoseg.training.executors import Executor, Progress, failed_result, finished, run_task
 from autoseg.training.jobs import Task, TaskResult
@@ -52,14 +53,19 @@ class SlurmExecutor(Executor):
         self,
         folder: Path,
         *,
-        cluster: str | None = None,
+        cluster: str | None = None,  # None: SLURM; "local" / "debug": submitit's executors on this machine
         partition: str | None = None,
         time_minutes: int = 24 * 60,
         cpus_per_task: int = 1,
         max_retries: int = 3,
         poll_seconds: float = 2.0,
     ) -> None:
-        self._executor = submitit.AutoExecutor(folder=folder, cluster=cluster, slurm_max_num_timeout=max_retries)
+        try:
+            self._executor = submitit.AutoExecutor(
+                folder=folder, cluster=cluster or "slurm", slurm_max_num_timeout=max_retries
+            )
+        except RuntimeError as exc:  # no srun/sbatch here
+            raise ConfigError(f"--executor slurm: {exc} (run autoseg on a SLURM login node)") from None
         self.partition, self.time_minutes, self.cpus_per_task = partition, time_minutes, cpus_per_task
         self.poll_seconds = poll_seconds
 

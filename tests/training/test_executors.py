@@ -25,7 +25,7 @@ from autoseg.pipeline import train_jobs
 from autoseg.planning.plans import load_plans
 from autoseg.search import search
 from autoseg.training.checkpoint import load_checkpoint
-from autoseg.training.executors import EXECUTORS, ExecutorOptions, check_shared_folder
+from autoseg.training.executors import EXECUTORS, ExecutorOptions, check_shared_folder, make_executor
 from autoseg.training.trainer import TrainOptions
 from tests.training.test_trainer import make_tiny_run
 
@@ -187,6 +187,14 @@ def test_cli_executor_options():
         assert build_parser().parse_args(["run", "DATA", "-o", "RUN", "--executor", name]).executor == name
     with pytest.raises(ConfigError, match="unknown"):
         ExecutorOptions("kubernetes")
+
+
+def test_slurm_without_slurm_is_refused_not_run_here(tmp_path):
+    pytest.importorskip("submitit")
+    if shutil.which("srun"):
+        pytest.skip("this machine is a SLURM node")
+    with pytest.raises(ConfigError, match="SLURM"):
+        make_executor(ExecutorOptions("slurm"), tmp_path)
 
 
 def test_a_run_folder_that_cannot_be_written_is_refused(tmp_path):
