@@ -139,6 +139,7 @@ def _run_on_cluster(
     progress: Callable[[int, int], None] | None,
 ) -> None:
     """Each job as a task of the cluster ``executor``, with the plan's GPUs per job (none for a CPU plan)."""
+    run_dir = run_dir.resolve()  # workers start elsewhere
     runner = make_executor(executor, run_dir)
     settings = (tuple(overrides), "auto", workers, validate)
     tasks = [

@@ -42,6 +42,10 @@ def run_workers(
     if arguments["time_budget_hours"]:  # the workers get what is left of the budget
         left = arguments["time_budget_hours"] - (time.perf_counter() - start) / 3600
         arguments = {**arguments, "time_budget_hours": max(left, 1e-6)}
+    storage = arguments["storage"]
+    if storage and "://" not in storage:  # a journal file: the same file from wherever a worker starts
+        arguments = {**arguments, "storage": str(Path(storage).resolve())}
+    run_dir, folder = run_dir.resolve(), folder.resolve()
     argv = ("-m", "autoseg.search.worker", json.dumps({"run_dir": str(run_dir), **arguments}))
     gpus = 1 if rule.device.kind == "cuda" else 0
     tasks = [Task(f"search worker {i}", argv, folder / f"worker_{i}.log", gpus, run_dir) for i in range(n)]
