@@ -30,7 +30,7 @@ from autoseg.training.trainer import TrainOptions
 from tests.training.test_trainer import make_tiny_run
 
 FOLDS = ["0", "1"]
-EPOCHS = 6
+EPOCHS = 10
 
 
 @pytest.fixture(scope="module")
@@ -81,16 +81,14 @@ def _same_as_local(run: Path, local: Path) -> None:
         assert (run / folder / "validation" / "summary.json").is_file()
 
 
-def _job_pid(fold: str) -> int | None:
-    """The process of ``fold``'s job (``python -m autoseg.processes ... autoseg.job SPEC``)."""
+def _job_pid(run: Path, fold: str) -> int | None:
+    """The process of ``fold``'s job in ``run`` (``python -m autoseg.processes ... autoseg.job SPEC``)."""
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
         try:
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
+            spec = (entry / "cmdline").read_bytes().split(b"\0")[-2] if entry.name.isdigit() else b""
+        except (OSError, IndexError):
             continue
-        if b"autoseg.job" in argv and any(f'"fold": "{fold}"'.encode() in a for a in argv):
+        if spec.startswith(b"{") and f'"run_dir": "{run}"'.encode() in spec and f'"fold": "{fold}"'.encode() in spec:
             return int(entry.name)
     return None
 
@@ -98,12 +96,13 @@ def _job_pid(fold: str) -> int | None:
 def _kill_worker_mid_run(run: Path, fold: str, killed: list[int]) -> None:
     """SIGKILL the Ray worker running ``fold``'s job once its first epoch is checkpointed, before its last."""
     folder = run / "models" / "3d_fullres" / f"fold_{fold}"
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 240
     while time.monotonic() < deadline:
         if (folder / "checkpoint_latest.pt").is_file() and not (folder / "checkpoint_final.pt").exists():
-            pid = _job_pid(fold)
+            pid = _job_pid(run, fold)
             if pid is not None:
                 worker = int((Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                assert (Path("/proc") / str(worker) / "cmdline").read_bytes().startswith(b"ray::")
                 os.kill(worker, signal.SIGKILL)
                 killed.append(worker)
                 return
