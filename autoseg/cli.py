@@ -7,6 +7,7 @@ traceback, and the command exits with status 1.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
@@ -123,8 +124,9 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         device=args.device,
         gpu_memory_gb=args.gpu_memory,
         time_budget_hours=args.time_budget,
-        overrides=args.set,
+        overrides=_overrides(args),
         cross_validation=CROSS_VALIDATION[args.cross_validation],
+        like=_like(args),
     )
     print(f"{Path(args.run) / 'plans.json'}: {plans.planner} plan for {plans.device.kind} ({plans.device.name})")
     for name, c in plans.configurations.items():
@@ -165,10 +167,21 @@ def _cmd_train(args: argparse.Namespace) -> int:
         args.config,
         _folds(args.fold),
         devices=args.devices,
-        overrides=args.set,
+        overrides=_overrides(args),
         options=options,
         executor=_executor(args),
     )
+    return 0
+
+
+def _cmd_pretrain(args: argparse.Namespace) -> int:
+    from autoseg.training.pretrain import PretrainOptions, pretrain
+
+    options = PretrainOptions(
+        epochs=args.epochs, time_budget_hours=args.time_budget, device=args.device, workers=args.workers or 0
+    )
+    final = pretrain(args.data, args.output, args.plans, config=args.config, options=options)
+    print(f"pretrained: {final}; fine-tune with: autoseg train RUN --init-from {args.output}")
     return 0
 
 
@@ -191,6 +204,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
             checkpoint=args.checkpoint,
             precision=args.precision,
             any_spacing=args.any_spacing,
+            engine=args.engine,
             progress=progress,
         )
     print(f"wrote {len(written)} prediction(s) to {args.output}")
@@ -198,10 +212,28 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from autoseg.export.bundle import export_bundle
+    from autoseg.export.bundle import export_bundle, model_folder, read_manifest
 
-    out = export_bundle(args.run, args.output, configs=args.configs, folds=args.folds)
-    print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MB); predict with: autoseg predict -m {out} -i IMAGES -o OUT")
+    out = export_bundle(model_folder(args.run), args.output, configs=args.configs, folds=args.folds, onnx=args.onnx)
+    if args.onnx:
+        for member, check in read_manifest(out)["onnx"]["members"].items():
+            print(
+                f"  {member}: ONNX matches torch within {check['max_abs_diff']:.2g} (logits up to "
+                f"{check['max_abs_logit']:.3g}) on input shapes {check['shapes']}"
+            )
+    engine = " --engine onnxruntime" if args.onnx else ""
+    print(
+        f"wrote {out} ({out.stat().st_size / 2**20:.1f} MB); predict with: autoseg predict -m {out}{engine} -i IMAGES "
+        "-o OUT"
+    )
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from autoseg.export.report import write_report
+
+    out = write_report(args.run, args.output)
+    print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MB, self-contained: open it in any browser)")
     return 0
 
 
@@ -301,6 +333,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
         _print_selection(selection)
     else:
         print(f"trained; predict with: autoseg predict -m {args.output} -i IMAGES -o OUT")
+    from autoseg.runfolder import RunFolder
+
+    if RunFolder(args.output).report.is_file():
+        print(f"report: {RunFolder(args.output).report}")
     return 0
 
 
@@ -314,7 +350,8 @@ def _run(args: argparse.Namespace, bars: _StageBars):
         gpu_memory_gb=args.gpu_memory,
         time_budget_hours=args.time_budget,
         preset=args.preset,
-        overrides=args.set,
+        overrides=_overrides(args),
+        like=_like(args),
         configs=args.configs,
         folds=_folds(args.folds),
         devices=args.devices,
@@ -358,6 +395,29 @@ def _plan_options(p: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="override a plan field, e.g. training.epochs=50 or 3d_fullres.batch_size=4",
     )
+    p.add_argument("--like", type=Path, default=None, metavar="RUN", help="plan like another run so its weights fit")
+    _init_option(p)
+
+
+def _init_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--init-from",
+        default=None,
+        metavar="RUN[:CONFIG[:FOLD]]",
+        help="start training from another run's weights (fine-tuning; a pretraining run too)",
+    )
+
+
+def _overrides(args: argparse.Namespace) -> list[str]:
+    """``--set`` overrides, with ``--init-from`` as ``training.init_from``."""
+    init = [f"training.init_from={json.dumps(str(args.init_from))}"] if args.init_from else []
+    return [*args.set, *init]
+
+
+def _like(args: argparse.Namespace):
+    from autoseg.planning.plans import load_plans
+
+    return load_plans(args.like) if args.like else None
 
 
 def _executor_options(p: argparse.ArgumentParser, *, search: bool) -> None:
@@ -448,7 +508,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="device of an in-process job (auto, cpu, cuda)")
     p.add_argument("-j", "--workers", type=int, default=None, help="data loader processes (default: from cores/RAM)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a plan field")
+    _init_option(p)
     _executor_options(p, search=False)
+
+    p = add("pretrain", _cmd_pretrain, "self-supervised pretraining (masked image modelling) on unlabelled images")
+    p.add_argument("data", type=Path, nargs="+", help="dataset folder(s); their labels, if any, are ignored")
+    p.add_argument("-o", "--output", type=Path, required=True, help="pretraining run folder (for --init-from)")
+    p.add_argument("--plans", type=Path, required=True, metavar="RUN", help="the planned run to fine-tune later")
+    p.add_argument("-c", "--config", default=None, help="configuration (default: 3d_fullres, else 2d)")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--epochs", type=int, default=None, help="epochs (default: the plan's)")
+    budget.add_argument("--time-budget", type=float, default=None, metavar="HOURS", help="pretrain for this long")
+    p.add_argument("--device", default="auto")
+    p.add_argument("-j", "--workers", type=int, default=None, help="data loader processes (default 0)")
 
     p = add("predict", _cmd_predict, "segment new images with a trained run folder")
     p.add_argument("-m", "--model", type=Path, required=True, help="run folder or model bundle (autoseg export)")
@@ -486,12 +558,28 @@ def build_parser() -> argparse.ArgumentParser:
         help="forward-pass precision; auto (default): fp16 on a GPU, bf16 on a CPU with native bf16 (AVX512-BF16/AMX), "
         "else fp32",
     )
+    p.add_argument(
+        "--engine",
+        choices=["torch", "onnxruntime"],
+        default="torch",
+        help="forward passes by torch (default) or by onnxruntime on the CPU (a bundle exported with --onnx), with "
+        "the same sliding window, mirroring, ensemble and postprocessing",
+    )
 
     p = add("export", _cmd_export, "write a trained run's model as one file (MODEL.autoseg) that predicts anywhere")
-    p.add_argument("run", type=Path, help="run folder")
+    p.add_argument("run", type=Path, help="run folder (or a model bundle, to add ONNX networks to it)")
     p.add_argument("-o", "--output", type=Path, required=True, help="bundle file to write, e.g. MODEL.autoseg")
     p.add_argument("--configs", nargs="+", default=None, help="configurations (default: the selected ensemble)")
     p.add_argument("--folds", nargs="+", default=None, help="folds (default: every trained fold)")
+    p.add_argument(
+        "--onnx",
+        action="store_true",
+        help="also export every network to ONNX, checked against torch, for predict --engine onnxruntime",
+    )
+
+    p = add("report", _cmd_report, "write one self-contained HTML page about a run (RUN/report.html)")
+    p.add_argument("run", type=Path, help="run folder")
+    p.add_argument("-o", "--output", type=Path, default=None, help="HTML file to write (default: RUN/report.html)")
 
     p = add("evaluate", _cmd_evaluate, "metrics of predicted label files against reference label files")
     p.add_argument("pred", type=Path, help="folder of predictions")

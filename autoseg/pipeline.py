@@ -2,7 +2,8 @@
 
 fingerprint (skipped when the inputs are unchanged) -> plan (an existing plans.json is kept, so hand edits and
 search results survive) -> preprocess (finished cases skipped) -> [search] -> train every configuration x fold
-(finished folds skipped, interrupted ones resumed) -> select. Kill it anywhere; running it again resumes.
+(finished folds skipped, interrupted ones resumed) -> select -> ``RUN/report.html``. Kill it anywhere; running it
+again resumes.
 """
 
 from __future__ import annotations
@@ -61,6 +62,20 @@ def train_and_validate(
         predict_validation(run_dir, apply_overrides(plans, overrides), config, fold, device=options.device)
 
 
+def _cascade_waves(
+    plans: Plans, names: Sequence[str], folds: Sequence[str] | str
+) -> list[tuple[list[str], Sequence[str] | str]]:
+    """Groups of configurations trained one group after the other: cascade stages last, after every
+    cross-validation fold of their previous stages (whose out-of-fold predictions are their training input)."""
+    later = [n for n in names if plans.configurations[n].previous_stage]
+    if not later:
+        return [(list(names), folds)]
+    first = [n for n in names if n not in later]
+    stages = list(dict.fromkeys(str(plans.configurations[n].previous_stage) for n in later))
+    waves: list[tuple[list[str], Sequence[str] | str]] = [(first, folds)] if first else []
+    return [*waves, (stages, "cv"), (later, folds)]
+
+
 def train_jobs(
     run_dir: Path,
     plans: Plans,
@@ -83,10 +98,31 @@ def train_jobs(
     ``overrides`` (``key=value``) are applied to ``plans`` by each job, which records them with its fold.
     """
     options = options or TrainOptions()
-    effective = apply_overrides(plans, overrides)  # checked here, before any job starts
+    apply_overrides(plans, overrides)  # checked here, before any job starts
+    # a cascade stage trains on its previous stage's out-of-fold predictions: that stage's folds first
+    for names, wave_folds in _cascade_waves(plans, list(configs or plans.configurations), folds):
+        _train_wave(
+            run_dir, plans, names, wave_folds, devices, overrides, in_process, options, validate, progress, executor
+        )
+
+
+def _train_wave(
+    run_dir: Path,
+    plans: Plans,
+    names: list[str],
+    folds: Sequence[str] | str,
+    devices: str | None,
+    overrides: Sequence[str],
+    in_process: bool | None,
+    options: TrainOptions,
+    validate: bool,
+    progress: Callable[[int, int], None] | None,
+    executor: ExecutorOptions | None,
+) -> None:
+    """:func:`train_jobs` for configurations that do not depend on one another."""
     from autoseg.preprocessing.store import list_cases, preprocessed_folder
 
-    names = list(configs or plans.configurations)
+    effective = apply_overrides(plans, overrides)
     cases = list_cases(preprocessed_folder(run_dir, names[0]))
     splits = load_or_make_splits(run_dir, cases)
     if folds in ("cv", ["cv"]):  # the plan's folds: every cross-validation fold, or one model on all cases
@@ -212,10 +248,11 @@ def run_pipeline(
     n_folds: int = 5,
     cross_validation: bool | None = None,
     progress: Progress | None = None,
+    like: Plans | None = None,
     executor: ExecutorOptions | None = None,
     search_workers: int = 2,
 ):
-    """Run every stage up to ``select``; returns the Selection.
+    """Run every stage up to ``select`` and write the report; returns the Selection (None when nothing is selected).
 
     ``executor``: where the search workers (``search_workers`` of them) and the training jobs run (default: this
     machine); the stages before and ``select`` run here."""
@@ -242,18 +279,20 @@ def run_pipeline(
             gpu_memory_gb=gpu_memory_gb,
             time_budget_hours=time_budget_hours,
             overrides=overrides,
+            like=like,
         )
     plans = load_plans(run_dir)
-    names = [c for c in (configs or plans.configurations) if c != "3d_cascade_fullres"]
+    names = list(configs or plans.configurations)
     missing = [c for c in names if c not in plans.configurations]
     if missing:
         raise ConfigError(
             f"--configs {missing}: not in {run_dir / 'plans.json'} (planned: {list(plans.configurations)}; a small "
             "--time-budget plans one configuration)"
         )
+    stages = [str(plans.configurations[n].previous_stage) for n in names if plans.configurations[n].previous_stage]
     preprocess(
         run_dir,
-        configurations=names,
+        configurations=list(dict.fromkeys([*names, *stages])),
         workers=workers,
         data_dir=data_dir,
         progress=progress("preprocess") if progress else None,
@@ -265,11 +304,12 @@ def run_pipeline(
         from autoseg.search import search
 
         # only what was preprocessed competes; one name fixes the configuration, several are searched over
+        alone = [n for n in names if not plans.configurations[n].previous_stage]  # a cascade stage is not searched
         search(
             run_dir,
             trials=search_trials or None,
             time_budget_hours=search_hours,
-            config=names,
+            config=alone,
             device=device,
             executor=executor,
             search_workers=search_workers,
@@ -285,10 +325,22 @@ def run_pipeline(
         progress=progress("train (jobs)") if progress else None,
         executor=executor,
     )
+    selection = None
     if not plans.cross_validation and folds in ("cv", ["cv"]):
         log.warning("the plan trains one model on all cases (small time budget): no cross-validation to select from")
-        return None
-    if folds not in ("cv", ["cv"]):
+    elif folds not in ("cv", ["cv"]):
         log.info("only folds %s trained: selection needs all cross-validation folds; skipped", list(folds))
-        return None
-    return select(run_dir, configurations=names)
+    else:
+        selection = select(run_dir, configurations=names)
+    _write_report(run_dir)
+    return selection
+
+
+def _write_report(run_dir: Path) -> None:
+    """``RUN/report.html``; a failure is logged, not raised: the trained models and the selection stand without it."""
+    from autoseg.export.report import write_report
+
+    try:
+        log.info("report written to %s", write_report(run_dir))
+    except Exception as exc:  # the report reads every artifact; none of its faults may fail a finished run
+        log.warning("the report could not be written (%s); retry with `autoseg report %s`", exc, run_dir)

@@ -11,6 +11,8 @@ Layout (every path in the package comes from :class:`RunFolder`)::
     RUN/selection.json            autoseg select
     RUN/references/               links to the training labels under the names predictions get
     RUN/search/                   autoseg search: study and trial folders
+    RUN/analysis/                 autoseg analyze: *.json summaries and *.png figures
+    RUN/report.html               autoseg report (written by autoseg run at the end)
     RUN/cluster/                  the cluster executor's own files (submitit's job scripts and logs)
 
 A model bundle (``autoseg export``) unpacks to a run folder with plans.json, selection.json, the exported folds'
@@ -72,12 +74,21 @@ class RunFolder:
         return self.root / "selection.json"
 
     @property
+    def report(self) -> Path:
+        return self.root / "report.html"
+
+    @property
     def references(self) -> Path:
         return self.root / "references"
 
     @property
     def search(self) -> Path:
         return self.root / "search"
+
+    @property
+    def analysis(self) -> Path:
+        """``analysis/``: ``autoseg analyze``'s results (``*.json`` summaries and ``*.png`` figures)."""
+        return self.root / "analysis"
 
     @property
     def cluster(self) -> Path:
@@ -102,6 +113,10 @@ class RunFolder:
     def checkpoint(self, config: str, fold: int | str, which: str = "final") -> Path:
         """``checkpoint_<which>.pt`` of a fold: ``final``, ``latest`` or ``best``."""
         return self.fold(config, fold) / f"checkpoint_{which}.pt"
+
+    def onnx_network(self, config: str, fold: int | str) -> Path:
+        """``network.onnx``: the fold's final network exported for onnxruntime (``autoseg export --onnx``)."""
+        return self.fold(config, fold) / "network.onnx"
 
     def validation(self, config: str, fold: int | str) -> Path:
         """The fold's out-of-fold predictions and their ``summary.json``."""

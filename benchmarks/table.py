@@ -323,10 +323,35 @@ def bounded_memory(d: Data) -> Iterator[Cells]:
             yield f"labels-only prediction, 117 classes, {volume} CT-like", cell(ours), cell(theirs), comp, cond
 
 
+def onnx_cpu(d: Data) -> Iterator[Cells]:
+    """``onnx_cpu.json`` of benchmarks/onnx_cpu.py: CPU seconds per case by forward-pass engine, one row per run."""
+    for runs in d["runs"].values():
+        for started, e in runs.items():
+            c, rows = e["conditions"], e["rows"]
+            ours = "; ".join(f"{r['engine']} {r['s_per_case']:.3g} s" for r in rows)
+            comp = "; ".join(
+                f"{r['engine']} {r['speed_vs_torch_fp32']:.2f}x the speed of torch fp32, labels equal on "
+                f"{r['voxels_equal']:.3%} of voxels (Dice {r['mean_dice']})"
+                for r in rows
+                if r["engine"] != "torch_fp32"
+            )
+            diff = max(m["max_abs_diff"] for m in e["onnx_checks"]["members"].values())
+            v = c["versions"]
+            cond = (
+                f"{len(c['cases'])} Hippocampus test cases, {c['weights']} weights, patch {c['patch']}, mirror "
+                f"{c['mirror']}, median of {c['repeats']} rounds; one core, {c['threads']} thread(s); native bf16: "
+                f"{c['cpu_has_native_bf16']}; ONNX max abs logit difference {diff:.1e}; autoseg "
+                f"{v['autoseg_commit'][:7]}{'+uncommitted' if 'uncommitted' in v['autoseg_commit'] else ''}, torch "
+                f"{v['torch']}, onnxruntime {v['onnxruntime']}, openvino {v['openvino'] or 'not installed'}; "
+                f"{c['machine']['cpu'] or '?'}, {c['machine']['cores']} cores, {started}"
+            )
+            yield f"CPU inference per case by engine, hippocampus {c['configuration']}", ours, "-", comp, cond
+
+
 #: Row builders in table order; each reads the files ``<its name>*.json``.
 BUILDERS: tuple[Callable[[Data], Iterator[Cells]], ...] = (
     fingerprint, preprocess, dataloader, train_step, inference, train_cpu_plan, precision, end_to_end, real,
-    memory_model, search, fold_compare, budget_split, bounded_memory,
+    memory_model, search, fold_compare, budget_split, bounded_memory, onnx_cpu,
 )  # fmt: skip
 
 

@@ -27,6 +27,9 @@ CI_PROVIDES = (
     "PostgreSQL",
     "could not import 'medpy",
     "could not import 'surface_distance",
+    "could not import 'playwright",
+    "chromium not installed",
+    "of the onnx extra",
     "could not import 'ray",
     "could not import 'submitit",
 )

@@ -108,3 +108,37 @@ def test_replace_section_keeps_the_text_around_the_markers():
     assert table.replace_section(text, "| new |\n") == f"intro\n{table.BEGIN}\n| new |\n{table.END}\noutro\n"
     with pytest.raises(ValueError, match="markers"):
         table.replace_section("no markers here", "| new |\n")
+
+
+def test_onnx_cpu_rows(tmp_path):
+    rows = [
+        {"engine": "torch_fp32", "s_per_case": 2.0, "speed_vs_torch_fp32": 1.0, "voxels_equal": 1.0, "mean_dice": 1.0},
+        {"engine": "onnxruntime_fp32", "s_per_case": 1.6, "speed_vs_torch_fp32": 1.25, "voxels_equal": 0.999991},
+    ]
+    rows[1]["mean_dice"] = 0.9999
+    conditions = {  # as benchmarks/onnx_cpu.py writes them
+        "weights": "trained",
+        "configuration": "3d_fullres",
+        "patch": [32, 40, 32],
+        "mirror": "single",
+        "cases": ["a", "b"],
+        "repeats": 3,
+        "threads": 1,
+        "cpu_has_native_bf16": True,
+        "machine": {"cpu": "Test CPU", "cores": 3},
+        "versions": {"autoseg_commit": "0123456789+uncommitted changes in autoseg/", "torch": "2.13.0"}
+        | {"onnxruntime": "1.32.0", "openvino": None},
+    }
+    entry = {"conditions": conditions, "onnx_checks": {"members": {"3d_fullres/fold_all": {"max_abs_diff": 4e-5}}}}
+    data = {"benchmark": "onnx_cpu", "runs": {"mirror_single": {"2030-01-03T00:00:00": {**entry, "rows": rows}}}}
+    (tmp_path / "onnx_cpu.json").write_text(json.dumps(data))
+    (row,) = table.table_rows(tmp_path)
+    assert row[0] == f"CPU inference per case by engine, hippocampus 3d_fullres — **{table.PENDING}**"
+    assert row[1:4] == [
+        "torch_fp32 2 s; onnxruntime_fp32 1.6 s",
+        "-",
+        "onnxruntime_fp32 1.25x the speed of torch fp32, labels equal on 99.999% of voxels (Dice 0.9999)",
+    ]
+    assert row[4].startswith("2 Hippocampus test cases, trained weights, patch [32, 40, 32], mirror single, median of")
+    assert "ONNX max abs logit difference 4.0e-05; autoseg 0123456+uncommitted" in row[4]
+    assert row[4].endswith("openvino not installed; Test CPU, 3 cores, 2030-01-03T00:00:00")

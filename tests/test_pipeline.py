@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import zipfile
 from pathlib import Path
 
@@ -15,12 +16,14 @@ from autoseg.data.synth import make_dataset
 from autoseg.errors import InferenceError
 from autoseg.evaluation.evaluate import evaluate_folders
 from autoseg.export.bundle import open_bundle
+from autoseg.export.report import collect_report_data, write_report
 from autoseg.fingerprint import extract_fingerprint
 from autoseg.inference.predict import predict_path
 from autoseg.pipeline import run_pipeline
 from autoseg.planning.planner import make_plans
 from autoseg.runfolder import record_dataset
 from tests.conftest import shared_data
+from tests.export.test_report import check_in_chromium, check_page
 
 TINY = ["training.epochs=1", "training.iterations_per_epoch=3", "training.val_iterations=1"]
 
@@ -154,11 +157,16 @@ def test_a_budget_for_one_model_trains_it_on_all_cases(tmp_path, capsys):
     plans.save(run / "plans.json")
     assert main(["run", str(data), "-o", str(run), "--device", "cpu", "-j", "1"]) == 0  # nothing to select from
     shown = capsys.readouterr()
-    assert "trained; predict with" in shown.out
+    assert "trained; predict with" in shown.out and f"report: {run / 'report.html'}" in shown.out
     for stage in ("preprocess", "train (jobs)"):  # a progress bar per stage (the fingerprint was made above)
         assert f"{stage}: 100%" in shown.err, shown.err[-2000:]
     assert (run / "models" / "3d_fullres" / "fold_all" / "checkpoint_final.pt").is_file()
     assert not (run / "models" / "3d_fullres" / "fold_0").exists()
+    page = check_page(run / "report.html")  # autoseg run writes it, also without cross-validation
+    assert page.missing["cross-validation"] == [
+        "the plan trains one model on all cases (small time budget): no cross-validation"
+    ]
+    assert "training" not in page.missing and any(s == "training" for s, _ in page.images)
     assert main(["select", str(run)]) == 0 and not (run / "selection.json").exists()
     written = predict_path(run, data / "imagesTs", tmp_path / "pred", device="cpu")
     assert (
@@ -227,3 +235,50 @@ def test_exported_bundle_predicts_like_the_run_and_holds_no_patient_data(trained
             dst.writestr(name, blob[:-1] + bytes([blob[-1] ^ 1]) if name == "plans.json" else blob)
     with pytest.raises(InferenceError, match="plans.json does not match its checksum"):
         open_bundle(damaged, tmp_path / "cache2")
+
+
+def test_run_writes_a_report_that_a_browser_shows(trained):
+    """The report of the trained run: every section filled, intervals agreeing with the selection's means, the
+    worst cases drawn; Chromium loads it without an error and decodes every image."""
+    from autoseg.inference.selection import load_selection
+
+    data, run = trained
+    page = check_page(run / "report.html")
+    assert set(page.missing) == {"training", "analysis"}, page.missing  # 3d_lowres planned, not trained; no analysis
+    assert page.missing["training"] == ["planned but not trained: 3d_lowres"]
+    shown = [section for section, _ in page.images]
+    assert shown.count("training") == 2 and shown.count("worst-cases") == 3 and "cross-validation" in shown
+    assert shown.count("plan") == 2  # the search's history and importances
+    selection = load_selection(run)
+    assert f"Chosen: {selection.best}" in page.sections["cross-validation"]
+    report = collect_report_data(run)
+    chosen = next(cv for cv in report.cross_validation if cv.name == selection.best)
+    assert sorted(c.case for c in chosen.cases) == [f"case_{i:03d}" for i in range(5)]
+    for key, mean in selection.per_class_dice[selection.best].items():
+        interval = chosen.intervals[key]
+        assert interval.mean == pytest.approx(mean) and interval.low <= interval.mean <= interval.high
+    worst = sorted(chosen.cases, key=chosen.case_dice)[0].case
+    assert report.worst[0].case == worst and f"{worst}: mean Dice" in page.sections["worst-cases"]
+    images = check_in_chromium(run / "report.html")
+    assert len(images) == len(page.images)
+
+
+def test_report_without_selection_merges_the_folds_validation_results(trained, tmp_path):
+    _, run = trained
+    copy = tmp_path / "run"
+    copy.mkdir()
+    for name in ("run.json", "fingerprint.json", "plans.json", "splits.json"):
+        shutil.copy(run / name, copy / name)
+    (copy / "references").symlink_to(run / "references")
+    for fold in sorted((run / "models" / "2d").glob("fold_*")):
+        target = copy / "models" / "2d" / fold.name
+        target.mkdir(parents=True)
+        shutil.copy(fold / "log.jsonl", target)
+        if fold.name != "fold_4":  # a fold still training
+            (target / "validation").symlink_to(fold / "validation")
+    report = collect_report_data(copy)
+    assert [(cv.name, cv.folds_missing, len(cv.cases)) for cv in report.cross_validation] == [("2d", ("fold_4",), 4)]
+    assert len(report.worst) == 3 and all(w.image is not None for w in report.worst)
+    page = check_page(write_report(copy))
+    assert any("autoseg select" in t for t in page.missing["cross-validation"])
+    assert "fold_4 without validation results yet" in " ".join(page.missing["cross-validation"])

@@ -7,6 +7,7 @@
     selection.json                        the ensemble to use and its postprocessing
     training_data.json                    the fingerprint's dataset-level summary (DataSummary: no case ids)
     models/<config>/fold_<k>/checkpoint_final.pt   weights and the configuration they were trained with, nothing else
+    models/<config>/fold_<k>/network.onnx          with ``onnx=True``: the network for onnxruntime (:mod:`.onnx`)
 
 No patient data goes in: no case ids, file paths, images or per-case facts (the fingerprint, splits, validation
 predictions, logs and optimiser states stay in the run folder). :func:`open_bundle` checks every file against the
@@ -30,6 +31,7 @@ from pathlib import Path
 import torch
 
 from autoseg.errors import ConfigError, InferenceError
+from autoseg.export import onnx as onnx_export
 from autoseg.files import atomic_path
 from autoseg.fingerprint import DataSummary, load_fingerprint
 from autoseg.inference.predictor import trained_folds
@@ -39,7 +41,7 @@ from autoseg.runfolder import RunFolder
 from autoseg.serialization import to_jsonable
 from autoseg.training.checkpoint import load_checkpoint
 
-__all__ = ["BUNDLE_FORMAT", "export_bundle", "open_bundle", "model_folder"]
+__all__ = ["BUNDLE_FORMAT", "export_bundle", "open_bundle", "model_folder", "read_manifest"]
 
 BUNDLE_FORMAT = 1
 #: Environment variable naming the folder bundles are unpacked into (default ``~/.cache/autoseg/bundles``).
@@ -75,12 +77,19 @@ def _members(run: RunFolder, configs: Sequence[str], folds: Sequence[str] | None
 
 
 def export_bundle(
-    run_dir: Path | str, out: Path | str, *, configs: Sequence[str] | None = None, folds: Sequence[str] | None = None
+    run_dir: Path | str,
+    out: Path | str,
+    *,
+    configs: Sequence[str] | None = None,
+    folds: Sequence[str] | None = None,
+    onnx: bool = False,
 ) -> Path:
-    """Write the model bundle of a trained run to ``out`` (atomically) and return its path.
+    """Write the model bundle of a trained run (or of an unpacked bundle) to ``out`` (atomically); return its path.
 
     ``configs`` default to the selected ensemble (``selection.json``; with it its postprocessing), else every
-    trained configuration; ``folds`` to every fold with a final checkpoint.
+    trained configuration; ``folds`` to every fold with a final checkpoint. With ``onnx`` every member's network is
+    also exported to ONNX and checked against torch (:func:`autoseg.export.onnx.export_run`; the manifest's
+    ``onnx`` entry records each check), for ``autoseg predict --engine onnxruntime``.
     """
     run = RunFolder(run_dir)
     plans = load_plans(run.root)
@@ -91,6 +100,10 @@ def export_bundle(
     if unknown or not names:
         raise ConfigError(f"{run.root}: configuration(s) {unknown or names} not trained in this run")
     members = _members(run, names, folds)
+    for config in names:  # a cascade stage predicts with its previous stage's folds first: they travel with it
+        previous = plans.configurations[config].previous_stage
+        if previous and previous not in members:
+            members |= _members(run, [previous], None)
     if selection is not None and tuple(names) == tuple(selection.configurations):
         chosen = selection
     else:  # another ensemble than the selected one: no postprocessing was decided for it
@@ -101,9 +114,16 @@ def export_bundle(
     }
     if run.fingerprint.is_file():
         files["training_data.json"] = _json(DataSummary.of(load_fingerprint(run.fingerprint)))
+    elif run.data_summary.is_file():  # a bundle exported again
+        files["training_data.json"] = run.data_summary.read_bytes()
     for config, use in members.items():
         for fold in use:
             files[f"models/{config}/fold_{fold}/checkpoint_final.pt"] = _weights(run.checkpoint(config, fold))
+    checks = {}
+    if onnx:
+        for (config, fold), (data, check) in onnx_export.export_run(run.root, names, folds).items():
+            files[RunFolder("").onnx_network(config, fold).as_posix()] = data
+            checks[f"{config}/fold_{fold}"] = check.to_json()
     manifest = {
         "format": BUNDLE_FORMAT,
         "autoseg_version": plans.autoseg_version,
@@ -114,6 +134,7 @@ def export_bundle(
         "channels": list(plans.channels),
         "postprocessing": chosen.postprocessing is not None,
         "temperature": None,
+        "onnx": {"opset": onnx_export.OPSET, "tolerance": onnx_export.TOLERANCE, "members": checks} if onnx else None,
         "files": {
             name: {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)} for name, data in files.items()
         },
@@ -158,6 +179,19 @@ def _check(archive: zipfile.ZipFile, path: Path) -> dict:
     return manifest
 
 
+def _open_zip(path: Path) -> zipfile.ZipFile:
+    try:
+        return zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise InferenceError(f"{path}: cannot read the model bundle ({exc})") from None
+
+
+def read_manifest(path: Path | str) -> dict:
+    """The manifest of a bundle file, after checking every file against it."""
+    with _open_zip(Path(path)) as archive:
+        return _check(archive, Path(path))
+
+
 def open_bundle(path: Path | str, cache: Path | str | None = None) -> Path:
     """Unpack a checked bundle (once; later calls reuse it) and return the folder, a run folder for prediction."""
     path = Path(path)
@@ -166,10 +200,7 @@ def open_bundle(path: Path | str, cache: Path | str | None = None) -> Path:
     if (target / "manifest.json").is_file():
         return target
     root.mkdir(parents=True, exist_ok=True)
-    try:
-        archive = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError) as exc:
-        raise InferenceError(f"{path}: cannot read the model bundle ({exc})") from None
+    archive = _open_zip(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=root))
     try:
         with archive:

@@ -226,13 +226,14 @@ def predict_path(
     checkpoint: str = "final",
     precision: str = "auto",
     any_spacing: bool = False,
+    engine: str = "torch",
     progress: Callable[[int, int], None] | None = None,
 ) -> list[Path]:
     """Predict every case under ``inputs`` into ``out_dir``; returns the label files written.
 
     A case that cannot be read or does not fit the model (:func:`check_image`) is reported and skipped; the others
     are predicted, and :class:`PredictionFailed` is raised at the end with the list. An output folder that cannot be
-    written raises InferenceError at once, before any work.
+    written raises InferenceError at once, before any work. ``engine`` runs the forward passes (:class:`Predictor`).
     """
     predictor = Predictor(
         run_dir,
@@ -242,6 +243,7 @@ def predict_path(
         mirror_mode=mirror_mode,
         checkpoint=checkpoint,
         precision=precision,
+        engine=engine,
     )
     out_dir = Path(out_dir)
     _check_writable(out_dir)

@@ -11,7 +11,7 @@ configurations are averaged, so at most one full-resolution float array per clas
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +21,7 @@ import torch
 from autoseg.data.geometry import Geometry
 from autoseg.devices import inference_dtype, resolve_device
 from autoseg.errors import ConfigError, InferenceError
+from autoseg.inference.engines import ENGINES, OnnxNetwork
 from autoseg.inference.postprocessing import PostprocessingSpec, apply_postprocessing
 from autoseg.inference.selection import load_selection
 from autoseg.inference.sliding_window import sliding_window_logits, sliding_window_rows
@@ -31,6 +32,7 @@ from autoseg.preprocessing.preprocess import preprocess_case, revert
 from autoseg.preprocessing.store import CaseProperties
 from autoseg.runfolder import RunFolder, fold_dir
 from autoseg.serialization import from_jsonable
+from autoseg.training.cascade import one_hot
 from autoseg.training.checkpoint import config_from_checkpoint, load_checkpoint
 
 __all__ = [
@@ -62,11 +64,12 @@ class Prediction:
 
 @dataclass(frozen=True)
 class Member:
-    """One trained network of an ensemble, with the configuration it was trained with."""
+    """One trained network of an ensemble, with the configuration it was trained with; ``network`` is the torch
+    module, or an :class:`~autoseg.inference.engines.OnnxNetwork` (logits of a batch, like the module)."""
 
     fold: str
     configuration: Configuration
-    network: torch.nn.Module
+    network: Callable[[torch.Tensor], torch.Tensor]
 
 
 def member_configuration(state: dict, plans: Plans, config: str, path: Path) -> Configuration:
@@ -139,6 +142,8 @@ class Predictor:
     mirror_mode : ``all`` (every flip combination), ``single`` (one flip per axis), ``none``, or ``auto``: ``all`` on
         a GPU, ``single`` on a CPU, where every pass is expensive (k + 1 instead of 2^k passes in 3D: 4 vs 8).
     precision : forward-pass precision, see :func:`inference_dtype`.
+    engine : ``torch``, or ``onnxruntime``: each member's ``network.onnx`` (``autoseg export --onnx``) computes the
+        forward passes, in float32 on the CPU, with as many threads as torch; everything else is the same.
     """
 
     def __init__(
@@ -155,9 +160,16 @@ class Predictor:
         postprocessing: PostprocessingSpec | None = None,
         plans: Plans | None = None,
         precision: str = "auto",
+        engine: str = "torch",
     ):
         self.run_dir = Path(run_dir)
         self.plans = plans or load_plans(self.run_dir)
+        self.engine = engine
+        if engine not in ENGINES:
+            raise InferenceError(f"engine {engine!r}: choose one of {', '.join(ENGINES)}")
+        if engine == "onnxruntime":
+            _check_onnx_options(device, precision, checkpoint)
+            device, precision = "cpu", "fp32"
         self.device = resolve_device(device)
         if mirror_mode == "auto":
             mirror_mode = "all" if self.device.type == "cuda" else "single"
@@ -185,14 +197,33 @@ class Predictor:
             if not use:
                 raise InferenceError(f"{self.run_dir}/models/{config}: no fold with checkpoint_{checkpoint}.pt")
             self.members[config] = [self._load(config, f, checkpoint) for f in use]
+        # a cascade stage's input includes its previous stage's prediction: an ensemble of that stage's folds
+        self.previous: dict[str, Predictor] = {}
+        for config in self.members:
+            stage = self.plans.configurations[config].previous_stage
+            if stage:
+                self.previous[config] = Predictor(
+                    self.run_dir,
+                    configs=[stage],
+                    device=device,
+                    mirror_mode=mirror_mode,
+                    step=step,
+                    checkpoint=checkpoint,
+                    tile_batch=tile_batch,
+                    postprocessing=None,
+                    plans=self.plans,
+                    precision=precision,
+                    engine=engine,
+                )
         self.tile_batch = tile_batch
         n = sum(len(m) for m in self.members.values())
         dtype = str(self.autocast or torch.float32).removeprefix("torch.")
         log.info(
-            "predictor: %s, %d model(s) on %s, mirroring %s, %s",
+            "predictor: %s, %d model(s) on %s (%s), mirroring %s, %s",
             ", ".join(self.members),
             n,
             self.device,
+            engine,
             mirror_mode,
             dtype,
         )
@@ -203,7 +234,11 @@ class Predictor:
             raise InferenceError(f"{path}: checkpoint missing; train fold {fold} of {config} first")
         state = load_checkpoint(path)
         c = member_configuration(state, self.plans, config, path)
-        network = build_network(c.network, len(self.plans.channels), self.plans.n_outputs)
+        if self.engine == "onnxruntime":
+            onnx = OnnxNetwork(RunFolder(self.run_dir).onnx_network(config, fold))
+            onnx.check_fits(ndim=c.ndim, in_channels=self.plans.input_channels(c), n_outputs=self.plans.n_outputs)
+            return Member(fold, c, onnx)
+        network = build_network(c.network, self.plans.input_channels(c), self.plans.n_outputs)
         try:
             network.load_state_dict(state["network"])
         except RuntimeError as exc:
@@ -278,10 +313,34 @@ class Predictor:
         streams = mean_bands([bands(m) for m in members])
         return labels_from_bands(streams, props, region_order=_region_order(self.plans), dtype=_label_dtype(self.plans))
 
+    def _inputs(
+        self, image: np.ndarray, geometry: Geometry, config: str, previous: np.ndarray | None
+    ) -> tuple[np.ndarray, CaseProperties]:
+        """The network input of ``config`` for a case: preprocessed image channels, and for a cascade stage the previous
+        stage's labels (``previous`` on the original grid, else predicted here) one-hot on the same grid."""
+        if config not in self.previous:
+            data, _, props = preprocess_case(image, None, geometry, self.plans, config)
+            return data, props
+        if previous is None:
+            previous = self.previous[config].predict(image, geometry).labels
+        data, grid, props = preprocess_case(image, previous, geometry, self.plans, config)
+        assert grid is not None
+        return np.concatenate([data, one_hot(grid[0], self.plans.foreground_values)]), props
+
     def predict(
-        self, image: np.ndarray, geometry: Geometry, *, keep_probabilities: bool = False, uncertainty: bool = False
+        self,
+        image: np.ndarray,
+        geometry: Geometry,
+        *,
+        keep_probabilities: bool = False,
+        uncertainty: bool = False,
+        previous_stage: np.ndarray | None = None,
     ) -> Prediction:
-        """Predict one case given as read: image (C, Z, Y, X) and its geometry."""
+        """Predict one case given as read: image (C, Z, Y, X) and its geometry.
+
+        ``previous_stage``: for a cascade stage, the previous stage's labels on the original grid (the out-of-fold
+        prediction when validating); by default the previous stage's folds predict them.
+        """
         if image.shape[0] != len(self.plans.channels):
             raise InferenceError(
                 f"image has {image.shape[0]} channel(s); the model expects "
@@ -293,7 +352,7 @@ class Predictor:
         member_maps: list[np.ndarray] = []
         labels: np.ndarray | None = None
         for config, members in self.members.items():
-            data, _, props = preprocess_case(image, None, geometry, self.plans, config)
+            data, props = self._inputs(image, geometry, config, previous_stage)
             if not (keep_probabilities or uncertainty) and self._can_stream(data, props, members):
                 labels = self._labels_streamed(data, props, members)
                 break
@@ -331,6 +390,19 @@ class Predictor:
             _region_order(self.plans),
         )
         return labels
+
+
+def _check_onnx_options(device: str, precision: str, checkpoint: str) -> None:
+    """InferenceError for options the onnxruntime engine cannot honour (it runs the final networks' float32 export
+    on the CPU)."""
+    if device not in ("auto", "cpu"):
+        raise InferenceError(f"--engine onnxruntime runs on the CPU; use --device cpu, or --engine torch for {device}")
+    if precision not in ("auto", "fp32"):
+        raise InferenceError(f"--engine onnxruntime runs the float32 export; use --precision fp32 (not {precision})")
+    if checkpoint != "final":
+        raise InferenceError(
+            f"--engine onnxruntime runs the exported final networks; --checkpoint {checkpoint} needs --engine torch"
+        )
 
 
 def _class_probabilities(

@@ -14,12 +14,15 @@ from pathlib import Path
 import numpy as np
 
 from autoseg.data.dataset import load_case
-from autoseg.data.io import file_ending, write_image
+from autoseg.data.geometry import Geometry
+from autoseg.data.io import file_ending, read_label, write_image
+from autoseg.errors import InferenceError
 from autoseg.evaluation.evaluate import Summary, evaluate_folders
 from autoseg.files import atomic_path
 from autoseg.inference.predictor import Predictor
 from autoseg.planning.plans import Plans
 from autoseg.runfolder import RunFolder, fold_dir, reference_labels, run_dataset
+from autoseg.training.cascade import prediction_file
 from autoseg.training.splits import fold_cases, load_splits
 
 __all__ = ["predict_validation", "validation_dir"]
@@ -32,6 +35,22 @@ VALIDATION_MIRROR_MODE = "auto"
 
 def validation_dir(run_dir: Path | str, config: str, fold: int | str) -> Path:
     return fold_dir(run_dir, config, fold) / "validation"
+
+
+def _previous_stage(
+    run_dir: Path, plans: Plans, config: str, fold: int | str, case_id: str, geometry: Geometry
+) -> np.ndarray | None:
+    """For a cascade stage: the previous stage's prediction of the case by the same fold (out of fold)."""
+    stage = plans.configurations[config].previous_stage
+    if not stage:
+        return None
+    path = prediction_file(validation_dir(run_dir, stage, fold), case_id)
+    if path is None:
+        raise InferenceError(
+            f"{validation_dir(run_dir, stage, fold)}: no prediction of {case_id!r}; validate fold {fold} of {stage} "
+            f"before {config}"
+        )
+    return read_label(path, reference=geometry)[0]
 
 
 def predict_validation(
@@ -63,7 +82,8 @@ def predict_validation(
         if target.is_file() and (not keep_probabilities or (out / f"{case_id}.npz").is_file()):
             continue
         image, _, geometry = load_case(spec, case)
-        prediction = predictor.predict(image, geometry, keep_probabilities=keep_probabilities)
+        previous = _previous_stage(run_dir, plans, config, fold, case_id, geometry)
+        prediction = predictor.predict(image, geometry, keep_probabilities=keep_probabilities, previous_stage=previous)
         if keep_probabilities:
             assert prediction.probabilities is not None
             probs = prediction.probabilities.astype(np.float16)

@@ -24,7 +24,7 @@ def train_step(
     network: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler,
-    loss_fn: torch.nn.Module,
+    loss_fn: Callable[..., torch.Tensor],
     data: torch.Tensor,
     targets: list[torch.Tensor],
     *,

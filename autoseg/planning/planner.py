@@ -32,7 +32,7 @@ from autoseg.planning.plans import (
 )
 from autoseg.runfolder import RunFolder
 
-__all__ = ["PRESETS", "make_plans", "plan_run"]
+__all__ = ["PRESETS", "cascade_stage", "make_plans", "plan_like", "plan_run"]
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +110,22 @@ def _lowres(fp, spacing, median, n_cases, budget, base, fullres: Configuration) 
     return None if low is None else low.planned.with_reason(low.need.why, low.worth.why)
 
 
+def cascade_stage(fullres: Configuration) -> Configuration:
+    """The cascade's second stage: ``3d_fullres`` (same data, network, patch and schedule) taking the low-resolution
+    stage's prediction, one-hot, as extra input channels."""
+    return dataclasses.replace(
+        fullres,
+        name="3d_cascade_fullres",
+        previous_stage="3d_lowres",
+        inherits_from="3d_fullres",
+        data_identifier=fullres.data_identifier or fullres.name,
+    ).with_reason(
+        "3d_cascade_fullres: planned with 3d_lowres; full resolution with the low-resolution prediction (one-hot, "
+        "out of fold for training cases) as extra input channels, where the full-resolution patch sees too little "
+        "of the image"
+    )
+
+
 def _plan_configurations(
     fp: Fingerprint,
     target: np.ndarray,
@@ -127,6 +143,7 @@ def _plan_configurations(
         low = _lowres(fp, target, median, n, budget, base, full)
         if low is not None:
             configs["3d_lowres"] = low
+            configs["3d_cascade_fullres"] = cascade_stage(configs["3d_fullres"])
     s2d = rules.spacing_2d(target)
     configs["2d"] = default.plan_configuration(
         "2d", fp, s2d.value, median[1:], float(np.prod(median)) * n, budget, base
@@ -146,8 +163,11 @@ def make_plans(
     check_speed: bool = True,
     cpu_flops: float | None = None,
     cross_validation: bool | None = None,
+    like: Plans | None = None,
 ) -> Plans:
     """Plan from a fingerprint. See the module docstring of :mod:`autoseg.planning.default` for the rules.
+
+    ``like``: another run's plan whose configurations this one copies (:func:`plan_like`), so that its weights fit.
 
     ``cross_validation`` None lets the time budget decide between cross-validation and one model trained on all
     cases (:func:`_fit_time`); True or False forces it (False also plans the primary configuration only).
@@ -155,6 +175,19 @@ def make_plans(
     ``check_speed`` times the planned CPU networks for real (and re-plans when they are off the estimate);
     ``cpu_flops`` gives the CPU's training throughput instead of measuring it (planning for another CPU, tests).
     """
+    if like is not None:
+        own = make_plans(
+            fingerprint,
+            preset=preset,
+            device=device,
+            gpu_memory_gb=gpu_memory_gb,
+            time_budget_hours=time_budget_hours,
+            n_folds=n_folds,
+            check_speed=check_speed,
+            cpu_flops=cpu_flops,
+            cross_validation=cross_validation,
+        )
+        return apply_overrides(plan_like(own, like), overrides)
     if preset not in PRESETS:
         raise PlanningError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     if preset != "default":
@@ -189,7 +222,9 @@ def make_plans(
         if not (budget.is_cpu and check_speed):
             measured = {}
             break
-        measured = {n: default.check_cpu_speed(c, budget) for n, c in configs.items()}
+        # the cascade stage runs 3d_fullres's network (a few more input channels): timed once
+        measured = {n: default.check_cpu_speed(c, budget) for n, c in configs.items() if not c.previous_stage}
+        measured |= {n: measured[c.inherits_from] for n, c in configs.items() if c.previous_stage and c.inherits_from}
         ratios = [measured[n][0] / budget.seconds(c.network, c.patch_size, c.batch_size) for n, c in configs.items()]
         ratio = float(np.median(ratios))
         if 0.85 <= ratio <= 1.15 or attempt == 2:
@@ -288,6 +323,37 @@ def _epochs(c: Configuration, seconds: float, hours: float, n_jobs: int, cross_v
         iterations=t.iterations_per_epoch,
         val_iterations=t.val_iterations,
         reserve=default.RESERVE_CROSS_VALIDATION if cross_validation else default.RESERVE_ONE_MODEL,
+    )
+
+
+def plan_like(plans: Plans, source: Plans) -> Plans:
+    """``plans`` with the topology of ``source`` (nnU-Net's "plan like"): every configuration both have takes the
+    source's spacing, patch, batch and network, and the plan its axis order, so the source's weights fit; channels,
+    labels, normalisation, loss and schedule stay this dataset's. Configurations the source lacks are dropped."""
+    configs = {}
+    for name, c in plans.configurations.items():
+        theirs = source.configurations.get(name)
+        if theirs is None:
+            continue
+        configs[name] = dataclasses.replace(
+            c,
+            spacing=theirs.spacing,
+            patch_size=theirs.patch_size,
+            batch_size=theirs.batch_size,
+            network=theirs.network,
+            median_image_size=c.median_image_size,
+        ).with_reason(f"planned like {source.dataset_name}: its spacing, patch, batch and network, so its weights fit")
+    if not configs:
+        raise PlanningError(
+            f"plan like {source.dataset_name}: no configuration in common ({list(source.configurations)} vs "
+            f"{list(plans.configurations)})"
+        )
+    return dataclasses.replace(
+        plans,
+        configurations=configs,
+        transpose_forward=source.transpose_forward,
+        transpose_backward=source.transpose_backward,
+        why=(*plans.why, f"planned like {source.dataset_name} ({source.planner})"),
     )
 
 

@@ -116,6 +116,10 @@ class TrainingSpec:
     precision: str = "auto"
     seed: int = 12345
     gpus_per_job: int = 1  # > 1: one job data-parallel (DDP, torchrun) over this many GPUs
+    #: start from another run's weights: ``RUN[:CONFIG[:FOLD]]`` or a checkpoint file (autoseg.training.transfer)
+    init_from: str | None = None
+    #: epochs of linear learning-rate warm-up from lr / (warmup_epochs + 1) (fine-tuning a transferred network)
+    warmup_epochs: int = 0
 
 
 @dataclass(frozen=True)
@@ -198,6 +202,12 @@ class Plans:
     def foreground_values(self) -> tuple[int, ...]:
         """Label values of the classes to segment (background and the ignore label excluded)."""
         return foreground_values(self.labels, self.ignore_label)
+
+    def input_channels(self, c: Configuration) -> int:
+        """Network input channels of configuration ``c``: the image channels, plus one per foreground class for a
+        cascade stage (the previous stage's prediction, one-hot)."""
+        extra = len(self.foreground_values) if c.previous_stage else 0
+        return len(self.channels) + extra
 
     def save(self, path: Path) -> None:
         save_json(self, path)

@@ -59,6 +59,7 @@ __all__ = [
     "preprocess_case",
     "preprocess",
     "revert",
+    "label_to_case_grid",
     "probability_orders",
     "estimate_case_bytes",
     "auto_workers",
@@ -175,11 +176,6 @@ def preprocess_case(
     data = resample_image(
         data, new_shape, orders=axis_orders(3, spec.order_image, spec.order_z, separate), separate=separate
     )
-    seg: np.ndarray | None = None
-    if label is not None:
-        cropped = np.ascontiguousarray(crop(label.transpose(forward), box))
-        resampled = resample_label(cropped, new_shape, orders=axis_orders(3, spec.order_label, spec.order_z, separate))
-        seg = resampled.astype(_seg_dtype(int(resampled.max(initial=0))))[None]
     props = CaseProperties(
         case_id=case_id,
         geometry=geometry,
@@ -193,7 +189,23 @@ def preprocess_case(
         shape_after_resampling=new_shape,  # type: ignore[arg-type]
         resampling=spec,
     )
+    seg = None if label is None else label_to_case_grid(label, props)[None]
     return data, seg, props
+
+
+def label_to_case_grid(label: np.ndarray, properties: CaseProperties) -> np.ndarray:
+    """A (Z, Y, X) label map on a case's original grid, mapped onto its preprocessed grid as training labels are
+    (transposed, cropped to the case's box, resampled per label): int8 (int16 above 127), shape
+    ``properties.shape_after_resampling``. Used for the case's own label and for a previous cascade stage's
+    prediction, so both sit voxel for voxel on the image data."""
+    p, spec = properties, properties.resampling
+    if tuple(label.shape) != tuple(p.geometry.shape_zyx):
+        raise PreprocessingError(f"label shape {label.shape} differs from case {p.case_id!r}'s {p.geometry.shape_zyx}")
+    separate = lowres_axis(p.original_spacing, p.spacing, spec.anisotropy_threshold)
+    cropped = np.ascontiguousarray(crop(np.asarray(label).transpose(p.transpose_forward), p.crop_bbox))
+    orders = axis_orders(3, spec.order_label, spec.order_z, separate)
+    resampled = resample_label(cropped, tuple(p.shape_after_resampling), orders=orders)
+    return resampled.astype(_seg_dtype(int(resampled.max(initial=0))))
 
 
 def probability_orders(properties: CaseProperties) -> tuple[tuple[int, ...], int | None]:

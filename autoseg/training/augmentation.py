@@ -31,6 +31,7 @@ from batchgenerators.transforms.resample_transforms import SimulateLowResolution
 from batchgenerators.transforms.spatial_transforms import MirrorTransform, SpatialTransform
 
 from autoseg.planning.plans import AugmentationSpec
+from autoseg.training.cascade import PreviousStageToData
 
 __all__ = ["sampling_patch_size", "build_transforms", "deep_supervision_scales", "DownsampleTargets"]
 
@@ -111,9 +112,17 @@ class DownsampleTargets(AbstractTransform):
 
 
 def build_transforms(
-    patch_size: Sequence[int], spec: AugmentationSpec, *, ds_scales: Sequence[Sequence[float]] | None = None
+    patch_size: Sequence[int],
+    spec: AugmentationSpec,
+    *,
+    ds_scales: Sequence[Sequence[float]] | None = None,
+    previous_stage_values: Sequence[int] | None = None,
 ) -> Compose:
-    """The training pipeline for ``patch_size`` (the network's input size) from ``spec``."""
+    """The training pipeline for ``patch_size`` (the network's input size) from ``spec``.
+
+    ``previous_stage_values``: a cascade stage, whose batches carry the previous stage's labels as a second label
+    channel; they are transformed spatially with the labels, then become perturbed one-hot input channels.
+    """
     k = spec.strength
     ndim = len(patch_size)
     angle = math.radians(spec.rotation_deg * k)
@@ -187,6 +196,8 @@ def build_transforms(
     ]
     if spec.mirror_axes:
         transforms.append(MirrorTransform(tuple(spec.mirror_axes)))
+    if previous_stage_values is not None:
+        transforms.append(PreviousStageToData(previous_stage_values, perturb=True))
     if ds_scales is not None:
         transforms.append(DownsampleTargets(ds_scales))
     return Compose(transforms)

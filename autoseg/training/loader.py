@@ -33,6 +33,7 @@ from autoseg.errors import TrainingError
 from autoseg.planning.plans import AugmentationSpec
 from autoseg.processes import die_with_parent, sigterm_raises
 from autoseg.training.augmentation import DownsampleTargets, build_transforms
+from autoseg.training.cascade import PreviousStageToData
 
 __all__ = ["CaseData", "CaseSource", "BatchRecipe", "sample_patch", "make_batch", "BatchLoader", "choose_workers"]
 
@@ -41,11 +42,13 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class CaseData:
-    """One preprocessed case: image (C, Z, Y, X), label (Z, Y, X), and voxel coordinates (N, 3) per class."""
+    """One preprocessed case: image (C, Z, Y, X), label (Z, Y, X), and voxel coordinates (N, 3) per class; for a
+    cascade stage also the previous stage's labels (Z, Y, X) on the same grid."""
 
     image: np.ndarray
     label: np.ndarray
     locations: Mapping[int, np.ndarray]
+    previous: np.ndarray | None = None
 
 
 class CaseSource(Protocol):
@@ -66,6 +69,8 @@ class BatchRecipe:
     augmentation: AugmentationSpec | None
     ds_scales: tuple[tuple[float, ...], ...] | None
     seed: int
+    #: a cascade stage: the label values whose one-hot maps of the previous stage's labels are input channels
+    previous_stage_values: tuple[int, ...] | None = None
 
 
 def _crop(array: np.ndarray, start: Sequence[int], size: Sequence[int]) -> np.ndarray:
@@ -89,7 +94,8 @@ def sample_patch(
     rng: np.random.Generator,
     final_size: Sequence[int] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Cut one patch of ``size`` (2 or 3 axes) from a 3D case: image (C, *size) and label (1, *size).
+    """Cut one patch of ``size`` (2 or 3 axes) from a 3D case: image (C, *size) and label (1, *size), or (2, *size)
+    with the previous stage's labels as second channel when the case has them (a cascade stage).
 
     ``final_size`` is the patch the network gets after augmentation crops the centre of ``size`` (default: ``size``).
     A patch may reach past the image by half the difference on each side (zero padded), so the final centre crop can
@@ -101,6 +107,7 @@ def sample_patch(
     is centred in it.
     """
     image, label = case.image, case.label
+    labels = [label] if case.previous is None else [label, case.previous]
     classes = [c for c, locs in case.locations.items() if len(locs)]
     centre = None
     if force_foreground and classes:
@@ -108,7 +115,7 @@ def sample_patch(
         centre = np.asarray(locs[int(rng.integers(len(locs)))])
     if len(size) == 2:
         z = int(centre[0]) if centre is not None else int(rng.integers(image.shape[1]))
-        image, label = image[:, z], label[z]
+        image, label, labels = image[:, z], label[z], [lab[z] for lab in labels]
         centre = centre[1:] if centre is not None else None
     start = []
     for axis, (n, final, full) in enumerate(zip(size, final_size or size, label.shape)):
@@ -118,7 +125,8 @@ def sample_patch(
             start.append(int(np.clip(centre[axis] - n // 2, lo, hi)))
         else:
             start.append(int(rng.integers(lo, hi + 1)))
-    return _crop(np.asarray(image), start, size), _crop(np.asarray(label)[None], start, size)
+    patch_labels = [_crop(np.asarray(lab)[None], start, size) for lab in labels]
+    return _crop(np.asarray(image), start, size), np.concatenate(patch_labels)
 
 
 def make_batch(source: CaseSource, recipe: BatchRecipe, index: int, transforms=None) -> dict:
@@ -138,8 +146,11 @@ def make_batch(source: CaseSource, recipe: BatchRecipe, index: int, transforms=N
     batch = {"data": np.stack(images).astype(np.float32, copy=False), "seg": np.stack(labels)}
     if transforms is not None:
         batch = transforms(**batch)
-    elif recipe.ds_scales is not None:
-        batch = DownsampleTargets(recipe.ds_scales)(**batch)
+    else:
+        if recipe.previous_stage_values is not None:
+            batch = PreviousStageToData(recipe.previous_stage_values, perturb=False)(**batch)
+        if recipe.ds_scales is not None:
+            batch = DownsampleTargets(recipe.ds_scales)(**batch)
     targets = batch["seg"] if isinstance(batch["seg"], list) else [batch["seg"]]
     return {
         "data": np.ascontiguousarray(batch["data"], dtype=np.float32),
@@ -150,7 +161,12 @@ def make_batch(source: CaseSource, recipe: BatchRecipe, index: int, transforms=N
 def _build(recipe: BatchRecipe):
     if recipe.augmentation is None:
         return None
-    return build_transforms(recipe.patch_size, recipe.augmentation, ds_scales=recipe.ds_scales)
+    return build_transforms(
+        recipe.patch_size,
+        recipe.augmentation,
+        ds_scales=recipe.ds_scales,
+        previous_stage_values=recipe.previous_stage_values,
+    )
 
 
 def _worker(

@@ -37,11 +37,13 @@ from autoseg.preprocessing.store import list_cases, preprocessed_folder, read_ca
 from autoseg.runfolder import fold_dir
 from autoseg.serialization import to_jsonable
 from autoseg.training.augmentation import deep_supervision_scales, sampling_patch_size
+from autoseg.training.cascade import prepare_previous_stage
 from autoseg.training.checkpoint import load_checkpoint, save_checkpoint
 from autoseg.training.curves import plot_training_curves
 from autoseg.training.distributed import from_environment
 from autoseg.training.loader import BatchLoader, BatchRecipe, CaseData, choose_workers
 from autoseg.training.splits import fold_cases, load_or_make_splits
+from autoseg.training.transfer import initialise_from
 
 __all__ = ["TrainOptions", "PreprocessedCases", "train_fold"]
 
@@ -62,23 +64,38 @@ class TrainOptions:
 
 @dataclass(frozen=True)
 class PreprocessedCases:
-    """Cases of one preprocessed folder, opened as memory maps (a CaseSource for the loader)."""
+    """Cases of one preprocessed folder, opened as memory maps (a CaseSource for the loader); ``previous``: the
+    folder of a cascade stage's previous-stage labels (:func:`autoseg.training.cascade.prepare_previous_stage`)."""
 
     folder: Path
+    previous: Path | None = None
 
     def open(self, case_id: str) -> CaseData:
-        return _open_case(self.folder, case_id)
+        return _open_case(self.folder, case_id, self.previous)
 
 
 @lru_cache(maxsize=256)
-def _open_case(folder: Path, case_id: str) -> CaseData:
+def _open_case(folder: Path, case_id: str, previous: Path | None = None) -> CaseData:
     data, seg, _ = read_case(folder, case_id, mmap=True)
     if seg is None:
         raise TrainingError(f"{folder / case_id}: preprocessed case has no label map")
-    return CaseData(data, seg[0] if seg.ndim == data.ndim else seg, read_class_locations(folder, case_id))
+    label = seg[0] if seg.ndim == data.ndim else seg
+    before = None
+    if previous is not None:
+        before = np.load(previous / f"{case_id}.npy", mmap_mode="r")
+        if before.shape != label.shape:
+            raise TrainingError(f"{previous / case_id}.npy: shape {before.shape} differs from the case's {label.shape}")
+    return CaseData(data, label, read_class_locations(folder, case_id), before)
 
 
 def _lr(configuration: Configuration, epoch: int) -> float:
+    t = configuration.training
+    if epoch < t.warmup_epochs:
+        return _scheduled_lr(configuration, epoch) * (epoch + 1) / (t.warmup_epochs + 1)
+    return _scheduled_lr(configuration, epoch)
+
+
+def _scheduled_lr(configuration: Configuration, epoch: int) -> float:
     t = configuration.training
     if t.lr_schedule == "poly":
         return t.learning_rate * (1 - epoch / t.epochs) ** t.poly_exponent
@@ -103,6 +120,7 @@ def _optimizer(configuration: Configuration, params) -> torch.optim.Optimizer:
 def _recipes(plans: Plans, c: Configuration, train_ids, val_ids, n_ds: int, seed: int) -> tuple[BatchRecipe, ...]:
     scales = tuple(deep_supervision_scales(c.network.strides, n_ds)) if n_ds > 1 else None
     train = BatchRecipe(
+        previous_stage_values=plans.foreground_values if c.previous_stage else None,
         case_ids=tuple(train_ids),
         patch_size=tuple(c.patch_size),
         sampling_patch_size=sampling_patch_size(c.patch_size, c.augmentation),
@@ -227,7 +245,7 @@ def _train(
     if options.deterministic:
         torch.use_deterministic_algorithms(True)
     torch.manual_seed(seed)
-    in_channels = len(plans.channels)
+    in_channels = plans.input_channels(c)
     model = build_network(c.network, in_channels, plans.n_outputs).to(device)
     network = ddp.wrap(model, device) if ddp is not None else model
     n_ds = len(c.network.strides) - 1 if c.network.deep_supervision else 1
@@ -246,6 +264,10 @@ def _train(
     if (out / "checkpoint_final.pt").exists():
         log.info("%s: already trained (checkpoint_final.pt exists); nothing to do", out)
         return out
+    if not latest.exists() and t.init_from:  # a new fold fine-tuned from another run's weights
+        report = initialise_from(model, t.init_from, c.name)
+        if main:
+            write_text_atomic(out / "transfer.json", json.dumps(dataclasses.asdict(report), indent=2) + "\n")
     if latest.exists():
         state = load_checkpoint(latest, device)
         model.load_state_dict(state["network"])
@@ -263,7 +285,10 @@ def _train(
     rank_seed = seed + (7919 * ddp.rank if ddp is not None else 0)
     per_rank = dataclasses.replace(c, batch_size=ddp.local_batch(c.batch_size)) if ddp is not None else c
     train_recipe, val_recipe = _recipes(plans, per_rank, train_ids, val_ids, n_ds, rank_seed)
-    source = PreprocessedCases(folder)
+    previous = None
+    if c.previous_stage:  # a cascade stage: the previous stage's out-of-fold labels, on this grid
+        previous = prepare_previous_stage(run_dir, plans, c.name, (*train_ids, *val_ids), splits, folder)
+    source = PreprocessedCases(folder, previous)
     batch_bytes = 4 * c.batch_size * in_channels * int(np.prod(train_recipe.sampling_patch_size))
     workers = options.workers if options.workers is not None else choose_workers(batch_bytes)
     log.info(
