@@ -237,6 +237,26 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_explain(args: argparse.Namespace) -> int:
+    from autoseg.analysis.explain import explain_path
+    from autoseg.export.bundle import model_folder
+
+    written = explain_path(
+        model_folder(args.model),
+        args.input,
+        args.output,
+        method=args.method,
+        classes=args.classes,
+        config=args.config,
+        folds=args.folds,
+        device=args.device,
+        n_steps=args.steps,
+        window=args.window,
+    )
+    print(f"wrote {len(written)} file(s) and explain.json to {args.output}")
+    return 0
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from autoseg.evaluation.evaluate import evaluate_folders
 
@@ -581,6 +601,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", type=Path, help="run folder")
     p.add_argument("-o", "--output", type=Path, default=None, help="HTML file to write (default: RUN/report.html)")
 
+    p = add("explain", _cmd_explain, "per-class attribution maps of a prediction, in the input's geometry")
+    p.add_argument("-m", "--model", type=Path, required=True, help="run folder or model bundle (autoseg export)")
+    p.add_argument("-i", "--input", type=Path, required=True, help="image folder, one image file, or a DICOM folder")
+    p.add_argument("-o", "--output", type=Path, required=True, help="output folder")
+    p.add_argument("--class", dest="classes", nargs="+", default=None, help="class names or values (default: all)")
+    p.add_argument(
+        "--method", choices=["integrated_gradients", "gradient_x_input", "occlusion"], default="integrated_gradients"
+    )
+    p.add_argument("-c", "--config", default=None, help="configuration explained (default: the first selected)")
+    p.add_argument("--folds", nargs="+", default=None, help="folds (default: every trained fold)")
+    p.add_argument("--steps", type=int, default=16, help="integration steps of integrated gradients (default 16)")
+    p.add_argument("--window", type=int, nargs="+", default=None, help="occlusion window in voxels (default: patch/2)")
+    p.add_argument("--device", default="auto")
+
     p = add("evaluate", _cmd_evaluate, "metrics of predicted label files against reference label files")
     p.add_argument("pred", type=Path, help="folder of predictions")
     p.add_argument("gt", type=Path, help="folder of reference labels (same file names)")
@@ -621,6 +655,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--search-trials", type=int, default=0, help="run a search of N trials before training")
     p.add_argument("--search-time", type=float, default=None, metavar="HOURS", help="search for this long instead")
     _executor_options(p, search=True)
+
+    from autoseg.analysis.common import add_analyze_parser
+
+    add_analyze_parser(sub)
 
     p = add("example", _cmd_example, "the built-in example: synthetic CT, full pipeline on CPU, test Dice")
     p.add_argument("out", type=Path, nargs="?", default=Path("example"), help="folder (default: ./example)")

@@ -13,6 +13,7 @@ Layout (every path in the package comes from :class:`RunFolder`)::
     RUN/search/                   autoseg search: study and trial folders
     RUN/analysis/                 autoseg analyze: *.json summaries and *.png figures
     RUN/report.html               autoseg report (written by autoseg run at the end)
+    RUN/calibration.json          autoseg analyze calibration: temperature and uncertainty score predict uses
     RUN/cluster/                  the cluster executor's own files (submitit's job scripts and logs)
 
 A model bundle (``autoseg export``) unpacks to a run folder with plans.json, selection.json, the exported folds'
@@ -89,6 +90,11 @@ class RunFolder:
     def analysis(self) -> Path:
         """``analysis/``: ``autoseg analyze``'s results (``*.json`` summaries and ``*.png`` figures)."""
         return self.root / "analysis"
+
+    @property
+    def calibration(self) -> Path:
+        """``calibration.json``: the temperature and uncertainty score ``autoseg analyze calibration`` chose."""
+        return self.root / "calibration.json"
 
     @property
     def cluster(self) -> Path:

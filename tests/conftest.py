@@ -30,6 +30,8 @@ CI_PROVIDES = (
     "could not import 'playwright",
     "chromium not installed",
     "of the onnx extra",
+    "could not import 'captum",
+    "could not import 'torchio",
     "could not import 'ray",
     "could not import 'submitit",
 )
