@@ -169,6 +169,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         devices=args.devices,
         overrides=_overrides(args),
         options=options,
+        executor=_executor(args),
     )
     return 0
 
@@ -324,6 +325,8 @@ def _cmd_search(args: argparse.Namespace) -> int:
         device=args.device,
         pruner=args.pruner,
         workers=args.workers,
+        executor=_executor(args),
+        search_workers=args.search_workers,
     )
     counts = f"{result.n_complete} complete, {result.n_pruned} pruned, {result.n_failed} failed"
     print(f"study {result.study_name} ({result.storage}): {counts} trials in {result.seconds:.0f} s")
@@ -379,6 +382,8 @@ def _run(args: argparse.Namespace, bars: _StageBars):
         n_folds=args.n_folds,
         cross_validation=CROSS_VALIDATION[args.cross_validation],
         progress=bars,
+        executor=_executor(args),
+        search_workers=args.search_workers,
     )
 
 
@@ -434,6 +439,39 @@ def _like(args: argparse.Namespace):
     from autoseg.planning.plans import load_plans
 
     return load_plans(args.like) if args.like else None
+
+
+def _executor_options(p: argparse.ArgumentParser, *, search: bool) -> None:
+    g = p.add_argument_group("cluster", "where jobs run (README: Running on a cluster)")
+    g.add_argument(
+        "--executor",
+        default="local",
+        choices=["local", "ray", "slurm"],
+        help="local (this machine, default), ray (a Ray cluster) or slurm (SLURM through submitit); the run folder "
+        "must be on a filesystem every worker shares",
+    )
+    g.add_argument("--ray-address", default=None, help="Ray cluster to join (default: RAY_ADDRESS, else start one)")
+    g.add_argument("--slurm-partition", default=None, help="SLURM partition (default: the cluster's)")
+    g.add_argument("--slurm-time", type=int, default=24 * 60, metavar="MINUTES", help="SLURM time per job (1440)")
+    g.add_argument("--cpus-per-job", type=int, default=1, help="CPUs each Ray/SLURM job reserves (default 1)")
+    g.add_argument(
+        "--max-retries", type=int, default=3, help="runs of a job whose worker died (Ray) or timed out (SLURM)"
+    )
+    if search:
+        g.add_argument("--search-workers", type=int, default=2, help="search workers on the cluster (default 2)")
+
+
+def _executor(args: argparse.Namespace):
+    from autoseg.training.executors import ExecutorOptions
+
+    return ExecutorOptions(
+        args.executor,
+        ray_address=args.ray_address,
+        cpus_per_task=args.cpus_per_job,
+        max_retries=args.max_retries,
+        slurm_partition=args.slurm_partition,
+        slurm_time_minutes=args.slurm_time,
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -492,6 +530,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-j", "--workers", type=int, default=None, help="data loader processes (default: from cores/RAM)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a plan field")
     _init_option(p)
+    _executor_options(p, search=False)
 
     p = add("pretrain", _cmd_pretrain, "self-supervised pretraining (masked image modelling) on unlabelled images")
     p.add_argument("data", type=Path, nargs="+", help="dataset folder(s); their labels, if any, are ignored")
@@ -610,6 +649,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("-j", "--workers", type=int, default=None, help="data loader processes per trial")
+    _executor_options(p, search=True)
 
     p = add("run", _cmd_run, "every stage: fingerprint, plan, preprocess, [search,] train all folds, select")
     p.add_argument("data", type=Path, help="dataset folder")
@@ -622,6 +662,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-j", "--workers", type=int, default=None)
     p.add_argument("--search-trials", type=int, default=0, help="run a search of N trials before training")
     p.add_argument("--search-time", type=float, default=None, metavar="HOURS", help="search for this long instead")
+    _executor_options(p, search=True)
 
     from autoseg.analysis.common import add_analyze_parser
 

@@ -21,7 +21,8 @@ from autoseg.planning.plans import Plans, load_plans
 from autoseg.preprocessing.preprocess import preprocess
 from autoseg.runfolder import RunFolder, record_dataset
 from autoseg.training.distributed import is_main_process
-from autoseg.training.jobs import Job, detect_devices, run_jobs
+from autoseg.training.executors import ExecutorOptions, make_executor
+from autoseg.training.jobs import Job, JobSpec, detect_devices, job_task, run_jobs
 from autoseg.training.splits import load_or_make_splits
 from autoseg.training.trainer import TrainOptions, train_fold
 
@@ -87,10 +88,12 @@ def train_jobs(
     options: TrainOptions | None = None,
     validate: bool = True,
     progress: Callable[[int, int], None] | None = None,
+    executor: ExecutorOptions | None = None,
 ) -> None:
     """Train (configuration, fold) jobs that are not finished (:func:`fold_finished`): in this process on a CPU,
-    else spread on GPUs. Each job is :func:`train_and_validate` (``validate`` False skips the validation cases);
-    ``progress(done, total)`` is called as jobs end.
+    else spread on GPUs; or, with a cluster ``executor`` (Ray, SLURM), one task each there, placed by the engine.
+    Each job is :func:`train_and_validate` (``validate`` False skips the validation cases); ``progress(done,
+    total)`` is called as jobs end.
 
     ``overrides`` (``key=value``) are applied to ``plans`` by each job, which records them with its fold.
     """
@@ -98,7 +101,9 @@ def train_jobs(
     apply_overrides(plans, overrides)  # checked here, before any job starts
     # a cascade stage trains on its previous stage's out-of-fold predictions: that stage's folds first
     for names, wave_folds in _cascade_waves(plans, list(configs or plans.configurations), folds):
-        _train_wave(run_dir, plans, names, wave_folds, devices, overrides, in_process, options, validate, progress)
+        _train_wave(
+            run_dir, plans, names, wave_folds, devices, overrides, in_process, options, validate, progress, executor
+        )
 
 
 def _train_wave(
@@ -112,6 +117,7 @@ def _train_wave(
     options: TrainOptions,
     validate: bool,
     progress: Callable[[int, int], None] | None,
+    executor: ExecutorOptions | None,
 ) -> None:
     """:func:`train_jobs` for configurations that do not depend on one another."""
     from autoseg.preprocessing.store import list_cases, preprocessed_folder
@@ -132,9 +138,12 @@ def _train_wave(
     if not jobs:
         log.info("every requested fold is trained")
         return
-    device_list = detect_devices(devices)
     if progress is not None:
         progress(0, len(jobs))
+    if executor is not None and executor.name != "local":
+        _run_on_cluster(run_dir, plans, jobs, executor, overrides, options.workers, validate, progress)
+        return
+    device_list = detect_devices(devices)
     if in_process or (in_process is None and device_list == ["cpu"]):
         for done, job in enumerate(jobs, 1):
             train_and_validate(
@@ -152,11 +161,41 @@ def _train_wave(
     results = run_jobs(
         run_dir, jobs, device_list, overrides=overrides, workers=options.workers, validate=validate, progress=progress
     )
-    failed = [r for r in results if not r.ok]
+    _check_results([(f"{r.job.config} fold {r.job.fold}", r.log, r.ok) for r in results])
+
+
+def _run_on_cluster(
+    run_dir: Path,
+    plans: Plans,
+    jobs: Sequence[Job],
+    executor: ExecutorOptions,
+    overrides: Sequence[str],
+    workers: int | None,
+    validate: bool,
+    progress: Callable[[int, int], None] | None,
+) -> None:
+    """Each job as a task of the cluster ``executor``, with the plan's GPUs per job (none for a CPU plan)."""
+    run_dir = run_dir.resolve()  # workers start elsewhere
+    runner = make_executor(executor, run_dir)
+    settings = (tuple(overrides), "auto", workers, validate)
+    tasks = [
+        job_task(JobSpec(str(run_dir), j.config, j.fold, *settings), j.gpus if plans.device.kind == "cuda" else 0)
+        for j in jobs
+    ]
+    try:
+        results = runner.run(tasks, progress)
+    finally:
+        runner.close()
+    _check_results([(r.task.name, r.task.log, r.ok) for r in results])
+
+
+def _check_results(results: Sequence[tuple[str, Path, bool]]) -> None:
+    """Raise TrainingError naming every failed job (name, log, ok) and its log."""
+    failed = [(name, path) for name, path, ok in results if not ok]
     if failed:
         raise TrainingError(
             f"{len(failed)} of {len(results)} training job(s) failed: "
-            + ", ".join(f"{r.job.config} fold {r.job.fold} (log {r.log})" for r in failed)
+            + ", ".join(f"{name} (log {path})" for name, path in failed)
         )
 
 
@@ -210,8 +249,13 @@ def run_pipeline(
     cross_validation: bool | None = None,
     progress: Progress | None = None,
     like: Plans | None = None,
+    executor: ExecutorOptions | None = None,
+    search_workers: int = 2,
 ):
-    """Run every stage up to ``select`` and write the report; returns the Selection (None when nothing is selected)."""
+    """Run every stage up to ``select`` and write the report; returns the Selection (None when nothing is selected).
+
+    ``executor``: where the search workers (``search_workers`` of them) and the training jobs run (default: this
+    machine); the stages before and ``select`` run here."""
     from autoseg.inference.select import select
 
     data_dir, run_dir = Path(data_dir), Path(run_dir)
@@ -261,7 +305,15 @@ def run_pipeline(
 
         # only what was preprocessed competes; one name fixes the configuration, several are searched over
         alone = [n for n in names if not plans.configurations[n].previous_stage]  # a cascade stage is not searched
-        search(run_dir, trials=search_trials or None, time_budget_hours=search_hours, config=alone, device=device)
+        search(
+            run_dir,
+            trials=search_trials or None,
+            time_budget_hours=search_hours,
+            config=alone,
+            device=device,
+            executor=executor,
+            search_workers=search_workers,
+        )
         plans = load_plans(run_dir)
     train_jobs(
         run_dir,
@@ -271,6 +323,7 @@ def run_pipeline(
         devices=devices,
         options=TrainOptions(device=device),
         progress=progress("train (jobs)") if progress else None,
+        executor=executor,
     )
     selection = None
     if not plans.cross_validation and folds in ("cv", ["cv"]):

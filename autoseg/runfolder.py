@@ -14,6 +14,7 @@ Layout (every path in the package comes from :class:`RunFolder`)::
     RUN/analysis/                 autoseg analyze: *.json summaries and *.png figures
     RUN/report.html               autoseg report (written by autoseg run at the end)
     RUN/calibration.json          autoseg analyze calibration: temperature and uncertainty score predict uses
+    RUN/cluster/                  the cluster executor's own files (submitit's job scripts and logs)
 
 A model bundle (``autoseg export``) unpacks to a run folder with plans.json, selection.json, the exported folds'
 weights, ``training_data.json`` (the fingerprint's dataset-level summary) and ``manifest.json``.
@@ -94,6 +95,11 @@ class RunFolder:
     def calibration(self) -> Path:
         """``calibration.json``: the temperature and uncertainty score ``autoseg analyze calibration`` chose."""
         return self.root / "calibration.json"
+
+    @property
+    def cluster(self) -> Path:
+        """The cluster executor's own files (``--executor slurm``: submitit's job scripts, pickles and logs)."""
+        return self.root / "cluster"
 
     @property
     def preprocessed_root(self) -> Path:

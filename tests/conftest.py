@@ -61,6 +61,8 @@ CI_PROVIDES = (
     "could not import 'captum",
     "could not import 'torchio",
     "could not import 'highdicom",
+    "could not import 'ray",
+    "could not import 'submitit",
 )
 
 

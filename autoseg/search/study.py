@@ -10,6 +10,12 @@ workers, on one or many machines, share one study. A trial that raises is record
 study goes on. A trial whose worker died -- detected by heartbeats on a database, by the worker's process id on
 the journal file -- is recorded FAIL and retried once more with the same parameters, resuming its training.
 Budgets count finished trials (COMPLETE, PRUNED, FAIL); a retried trial counts once, through its retry.
+
+With a cluster executor (``--executor ray|slurm``), this process opens the study (the rule trial enqueued once),
+then sends ``search_workers`` workers to the executor, each running :mod:`autoseg.search.worker` (this same search,
+in a process of its own, on the shared study) until the study has its trials or the time is up; then it writes
+the best back. The study must live where every worker reaches it: PostgreSQL, or the journal file on the shared
+run folder (dead workers on other machines are found by heartbeats on a database only).
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from autoseg.search.objective import Objective, TrialSettings
 from autoseg.search.space import build_candidate, limits_for, rule_params, trainable_configurations
 from autoseg.search.storage import admit, claimed, describe_storage, make_storage, recover, trial_counts
 from autoseg.serialization import from_jsonable, save_json
+from autoseg.training.executors import ExecutorOptions
 
 __all__ = ["SearchResult", "search", "open_study", "write_best", "PerTrialSeedSampler", "make_pruner"]
 
@@ -262,6 +269,8 @@ def search(
     heartbeat_seconds: int = 60,
     workers: int | None = None,
     measure_steps: bool = True,
+    executor: ExecutorOptions | None = None,
+    search_workers: int = 2,
 ) -> SearchResult:
     """Search until the study has ``trials`` finished trials, or for ``time_budget_hours``; write the best back.
 
@@ -273,7 +282,8 @@ def search(
     ``pruner``: ``successive_halving``, ``hyperband`` or ``none``; ``value``: ``validation`` or ``pseudo_dice`` (see
     :mod:`autoseg.search.objective`); ``workers``: data-loader processes per trial (None: the trainer decides);
     ``measure_steps``: time a few training steps of each sampled plan to cap its training length (else FLOPs).
-    Running it again resumes the study. See the module docstring for failures and retries.
+    ``executor``: a cluster executor (Ray, SLURM) runs ``search_workers`` workers on the shared study instead of
+    this process. Running it again resumes the study. See the module docstring for failures and retries.
     """
     run_dir = Path(run_dir)
     if not trials and not time_budget_hours:
@@ -300,6 +310,27 @@ def search(
         heartbeat_seconds=heartbeat_seconds,
     )
     folder = run_dir / "search" / re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+    if executor is not None and executor.name != "local":
+        worker = {
+            "trials": trials,
+            "time_budget_hours": time_budget_hours,
+            "storage": storage,
+            "study_name": name,
+            "config": list(configs),
+            "seed": seed,
+            "fold": fold,
+            "budget_epochs": budget_epochs,
+            "device": device,
+            "pruner": pruner,
+            "value": value,
+            "heartbeat_seconds": heartbeat_seconds,
+            "workers": workers,
+            "measure_steps": measure_steps,
+        }
+        from autoseg.search.worker import run_workers
+
+        run_workers(run_dir, rule, folder, executor, search_workers, worker, start)
+        return _finish(run_dir, rule, study, settings, storage, start)
     trial_settings = TrialSettings(
         run_dir, folder, configs, fold, fraction, device, value, workers=workers, measure_steps=measure_steps
     )

@@ -3,8 +3,10 @@
 One job per GPU at a time, queued when there are more jobs than GPUs; a single CPU "device" when there is no
 GPU. Each job runs ``autoseg train`` in its own process (so a crash or an out-of-memory error ends that job only)
 with its output in ``RUN/models/<config>/fold_<k>/job.log``; failed jobs are reported with the tail of their log.
-Jobs that need several GPUs (``training.gpus_per_job`` > 1 in a future plan) would be launched with torchrun.
-Across machines use an existing launcher (torchrun, SLURM, Ray); this is not a cluster scheduler.
+Jobs that need several GPUs (``training.gpus_per_job`` > 1) are launched with torchrun. A job is a :class:`Task`:
+a Python command line (without the interpreter) and its log, so that the same task runs here (:func:`run_tasks`)
+or on a cluster through an existing engine (:mod:`autoseg.training.executors`: Ray, SLURM); this is not a
+cluster scheduler.
 
 Jobs end with the job runner however it ends. Each job runs through :mod:`autoseg.processes`, which kills it when
 the runner's process is gone (SIGKILL included), as torchrun's ranks are killed when torchrun is; each job has its
@@ -29,7 +31,18 @@ from pathlib import Path
 from autoseg.processes import sigterm_raises, tethered_command
 from autoseg.runfolder import fold_dir
 
-__all__ = ["Job", "JobResult", "JobSpec", "detect_devices", "job_command", "run_jobs"]
+__all__ = [
+    "Job",
+    "JobResult",
+    "JobSpec",
+    "Task",
+    "TaskResult",
+    "detect_devices",
+    "job_command",
+    "job_task",
+    "run_jobs",
+    "run_tasks",
+]
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +61,31 @@ class JobResult:
     returncode: int
     seconds: float
     log: Path
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0
+
+
+@dataclass(frozen=True)
+class Task:
+    """One process to run on some machine: ``python *argv`` with that machine's interpreter, its output appended
+    to ``log``. ``gpus``: the GPUs it needs (0: none; here a task takes at least one device, "cpu" included);
+    ``folder``: the run folder it works in, which a remote worker must see (a shared filesystem)."""
+
+    name: str
+    argv: tuple[str, ...]
+    log: Path
+    gpus: int = 1
+    folder: Path | None = None
+
+
+@dataclass(frozen=True)
+class TaskResult:
+    task: Task
+    where: str  # the device(s) here, or the executor's worker / job id
+    returncode: int
+    seconds: float
 
     @property
     def ok(self) -> bool:
@@ -102,30 +140,35 @@ def job_command(spec: JobSpec, gpus: int = 1) -> list[str]:
     return [sys.executable, "-m", "autoseg.job", spec.to_json()]
 
 
+def job_task(spec: JobSpec, gpus: int = 1) -> Task:
+    """The task of one job: :func:`job_command` without the interpreter, logged to its fold's ``job.log``;
+    ``gpus`` 0 for a CPU job (one process, like 1)."""
+    log = fold_dir(spec.run_dir, spec.config, spec.fold) / "job.log"
+    argv = tuple(job_command(spec, max(gpus, 1))[1:])
+    return Task(f"{spec.config} fold {spec.fold}", argv, log, gpus, Path(spec.run_dir))
+
+
 Launcher = Callable[[Job, str, Path], subprocess.Popen]
+TaskLauncher = Callable[[Task, str], subprocess.Popen]
 
 
-def _default_launcher(run_dir: Path, overrides: Sequence[str], workers: int | None, validate: bool) -> Launcher:
-    def spec(job: Job) -> JobSpec:
-        return JobSpec(str(run_dir), job.config, job.fold, tuple(overrides), "auto", workers, validate)
-
-    def launch(job: Job, device: str, logfile: Path) -> subprocess.Popen:
-        env = dict(os.environ)
-        gpus = [d.split(":", 1)[1] if ":" in d else "0" for d in device.split(",") if d.startswith("cuda")]
-        env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
-        handle = open(logfile, "ab")
-        try:
-            return subprocess.Popen(
-                tethered_command(job_command(spec(job), job.gpus), os.getpid()),
-                stdout=handle,
-                stderr=subprocess.STDOUT,
-                env=env,
-                process_group=0,  # the job and its loader workers: one group to signal
-            )
-        finally:
-            handle.close()
-
-    return launch
+def _launch(task: Task, device: str) -> subprocess.Popen:
+    """Start ``task`` on ``device`` (``cuda:0,cuda:1`` or ``cpu``), tied to this process, in its own group."""
+    env = dict(os.environ)
+    gpus = [d.split(":", 1)[1] if ":" in d else "0" for d in device.split(",") if d.startswith("cuda")]
+    env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
+    task.log.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(task.log, "ab")
+    try:
+        return subprocess.Popen(
+            tethered_command([sys.executable, *task.argv], os.getpid()),
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            env=env,
+            process_group=0,  # the job and its loader workers: one group to signal
+        )
+    finally:
+        handle.close()
 
 
 def _tail(path: Path, lines: int = 15) -> str:
@@ -178,66 +221,96 @@ def run_jobs(
 ) -> list[JobResult]:
     """Run ``jobs`` over ``devices``, one job per device at a time; return every job's result (failures too).
 
-    ``progress(done, total)`` is called as jobs end.
-
-    Stopped early (SIGTERM, Ctrl-C, an error), it stops the running jobs (``stop_seconds`` to end cleanly, then
-    killed) before raising.
+    ``progress(done, total)`` is called as jobs end. ``launcher(job, device, logfile)`` replaces the job process
+    (tests). See :func:`run_tasks` for stopping early.
     """
     run_dir = Path(run_dir)
-    launch = launcher or _default_launcher(run_dir, overrides, workers, validate)
-    running: dict[str, tuple[Job, subprocess.Popen, float, Path]] = {}
+    fitted = [dataclasses.replace(job, gpus=min(job.gpus, len(devices))) for job in jobs]
+    settings = (tuple(overrides), "auto", workers, validate)
+    tasks = {job_task(JobSpec(str(run_dir), job.config, job.fold, *settings), job.gpus): job for job in fitted}
+    launch: TaskLauncher | None = None
+    if launcher is not None:
+        user = launcher
+
+        def launch(task: Task, device: str) -> subprocess.Popen:
+            task.log.parent.mkdir(parents=True, exist_ok=True)
+            return user(tasks[task], device, task.log)
+
+    results = run_tasks(
+        list(tasks), devices, launcher=launch, poll_seconds=poll_seconds, stop_seconds=stop_seconds, progress=progress
+    )
+    return [JobResult(tasks[r.task], r.where, r.returncode, r.seconds, r.task.log) for r in results]
+
+
+def run_tasks(
+    tasks: Sequence[Task],
+    devices: Sequence[str],
+    *,
+    launcher: TaskLauncher | None = None,
+    poll_seconds: float = 0.5,
+    stop_seconds: float = 30.0,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[TaskResult]:
+    """Run ``tasks`` on this machine over ``devices``, one task per device at a time (a task of ``gpus`` > 1 takes
+    that many); return every task's result (failures too). ``progress(done, total)`` is called as tasks end.
+
+    Stopped early (SIGTERM, Ctrl-C, an error), it stops the running tasks (``stop_seconds`` to end cleanly, then
+    killed) before raising.
+    """
+    running: dict[str, tuple[Task, subprocess.Popen, float]] = {}
     with sigterm_raises():
         try:
-            return _place(run_dir, list(jobs), list(devices), launch, running, poll_seconds, progress)
+            return _place(list(tasks), list(devices), launcher or _launch, running, poll_seconds, progress)
         finally:
-            _stop_jobs([proc for _, proc, _, _ in running.values()], stop_seconds)
+            _stop_jobs([proc for _, proc, _ in running.values()], stop_seconds)
 
 
 def _place(
-    run_dir: Path,
-    queue: list[Job],
+    queue: list[Task],
     devices: list[str],
-    launch: Launcher,
-    running: dict[str, tuple[Job, subprocess.Popen, float, Path]],
+    launch: TaskLauncher,
+    running: dict[str, tuple[Task, subprocess.Popen, float]],
     poll_seconds: float,
     progress: Callable[[int, int], None] | None = None,
-) -> list[JobResult]:
+) -> list[TaskResult]:
     free = list(devices)
-    results: list[JobResult] = []
+    results: list[TaskResult] = []
     total = len(queue)
     while queue or running:
-        while queue and len(free) >= min(queue[0].gpus, len(devices)):
-            job = queue.pop(0)
-            take = min(job.gpus, len(devices))
-            job = dataclasses.replace(job, gpus=take) if take != job.gpus else job
+        while queue and len(free) >= min(max(queue[0].gpus, 1), len(devices)):
+            task = queue.pop(0)
+            take = min(max(task.gpus, 1), len(devices))
             device, free = ",".join(free[:take]), free[take:]
-            logfile = fold_dir(run_dir, job.config, job.fold) / "job.log"
-            logfile.parent.mkdir(parents=True, exist_ok=True)
-            log.info("start %s fold %s on %s (log: %s)", job.config, job.fold, device, logfile)
-            running[device] = (job, launch(job, device, logfile), time.perf_counter(), logfile)
+            log.info("start %s on %s (log: %s)", task.name, device, task.log)
+            running[device] = (task, launch(task, device), time.perf_counter())
         for device in list(running):
-            job, proc, start, logfile = running[device]
+            task, proc, start = running[device]
             code = proc.poll()
             if code is None:
                 continue
             del running[device]
             free.extend(device.split(","))
-            result = JobResult(job, device, code, round(time.perf_counter() - start, 1), logfile)
+            result = TaskResult(task, device, code, round(time.perf_counter() - start, 1))
             results.append(result)
             if progress is not None:
                 progress(len(results), total)
-            if result.ok:
-                log.info("done %s fold %s on %s in %.0f s", job.config, job.fold, device, result.seconds)
-            else:
-                log.error(
-                    "FAILED %s fold %s on %s (exit %d); last lines of %s:\n%s",
-                    job.config,
-                    job.fold,
-                    device,
-                    code,
-                    logfile,
-                    _tail(logfile),
-                )
+            report_result(result)
         if running:
             time.sleep(poll_seconds)
     return results
+
+
+def report_result(result: TaskResult) -> None:
+    """Log a task's end; a failure with the tail of its log."""
+    task = result.task
+    if result.ok:
+        log.info("done %s on %s in %.0f s", task.name, result.where, result.seconds)
+    else:
+        log.error(
+            "FAILED %s on %s (exit %d); last lines of %s:\n%s",
+            task.name,
+            result.where,
+            result.returncode,
+            task.log,
+            _tail(task.log),
+        )
