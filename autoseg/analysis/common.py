@@ -232,7 +232,6 @@ def _robustness_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cases", type=int, default=None, metavar="N", help="analyse the first N cases only")
     p.add_argument("--perturbations", nargs="+", default=None, help="names (default: all that apply)")
     p.add_argument("--levels", type=int, nargs="+", default=[1, 2, 3], help="severity levels 1-3 (default: all)")
-    p.add_argument("--mirror", choices=["auto", "all", "single", "none"], default="auto", help="test-time mirroring")
     p.add_argument("--seed", type=int, default=0, help="seed of the random parts of the perturbations")
 
 
