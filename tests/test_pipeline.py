@@ -261,8 +261,9 @@ def test_run_writes_a_report_that_a_browser_shows(trained):
 
     data, run = trained
     page = check_page(run / "report.html")
-    assert set(page.missing) == {"training", "analysis"}, page.missing  # 3d_lowres planned, not trained; no analysis
-    assert page.missing["training"] == ["planned but not trained: 3d_lowres"]
+    # the cascade (3d_lowres, 3d_cascade_fullres) planned, not trained; no analysis
+    assert set(page.missing) == {"training", "analysis"}, page.missing
+    assert page.missing["training"] == ["planned but not trained: 3d_lowres, 3d_cascade_fullres"]
     shown = [section for section, _ in page.images]
     assert shown.count("training") == 2 and shown.count("worst-cases") == 3 and "cross-validation" in shown
     assert shown.count("plan") == 2  # the search's history and importances
