@@ -50,6 +50,7 @@ AUDIT: dict[str, tuple[str, str | None, str]] = {
     "budget_split_hippocampus.json": ("2026-12-07T11:44:28", None, ""),
     "real_dsb2018.json": ("2026-12-07T15:31:19", None, ""),
     "bounded_memory.json": ("2026-12-07T16:23:48", None, ""),
+    "onnx_cpu.json": ("2026-12-07T18:34:39", None, ""),
 }
 Data = dict[str, Any]
 Cells = tuple[str, str, str, str, str]  # benchmark, autoseg, nnU-Net v2, comparison, conditions
