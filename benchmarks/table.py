@@ -51,6 +51,10 @@ AUDIT: dict[str, tuple[str, str | None, str]] = {
     "real_dsb2018.json": ("2026-12-07T15:31:19", None, ""),
     "bounded_memory.json": ("2026-12-07T16:23:48", None, ""),
     "onnx_cpu.json": ("2026-12-07T18:34:39", None, ""),
+    # analyze outputs carry no date: audited on 2026-12-07 (calibration: 20 of the 133 out-of-fold cases, stated)
+    "calibration_hippocampus.json": ("undated", None, ""),
+    "robustness_hippocampus.json": ("undated", None, ""),
+    "subgroups_hippocampus.json": ("undated", None, ""),
 }
 Data = dict[str, Any]
 Cells = tuple[str, str, str, str, str]  # benchmark, autoseg, nnU-Net v2, comparison, conditions
@@ -349,10 +353,49 @@ def onnx_cpu(d: Data) -> Iterator[Cells]:
             yield f"CPU inference per case by engine, hippocampus {c['configuration']}", ours, "-", comp, cond
 
 
+def calibration(d: Data) -> Iterator[Cells]:
+    """``calibration_*.json`` of ``autoseg analyze calibration``: ECE before/after temperature scaling and the best
+    uncertainty score."""
+    best = d["scores"][d["best_score"]]
+    ours = (
+        f"ECE {d['ece_before']:.3f} -> {d['ece_after']:.3f} (T = {d['temperature']:.2f}); best score "
+        f"{d['best_score']}: Spearman {best['spearman']:.2f} with 1 - Dice, AURC {best['aurc']:.3f} "
+        f"(oracle {best['aurc_optimal']:.3f})"
+    )
+    others = "; ".join(f"{k} Spearman {v['spearman']:.2f}" for k, v in d["scores"].items() if k != d["best_score"])
+    cond = f"{d['configuration']}, {d['n_cases']} {d['source']} cases, band {d['band_voxels']} voxels; {others}"
+    yield "calibration and failure detection", ours, "-", "no nnU-Net counterpart", cond
+
+
+def robustness(d: Data) -> Iterator[Cells]:
+    """``robustness_*.json`` of ``autoseg analyze robustness``: Dice at the highest severity per perturbation."""
+    worst = d["most_harmful"]
+    last = {name: p["levels"][-1] for name, p in d["perturbations"].items()}
+    ours = f"unperturbed {d['reference']['mean_dice']:.3f}; " + "; ".join(
+        f"{name} {lv['mean_dice']:.3f}" for name, lv in last.items()
+    )
+    cond = f"{d['config']}, {len(d['cases'])} {d['source']} cases, mirror {d['mirror_mode']}, highest severity"
+    yield "Dice under perturbations", ours, "-", f"hurts most: {worst['name']} (-{worst['drop']:.3f})", cond
+
+
+def subgroups(d: Data) -> Iterator[Cells]:
+    """``subgroups_*.json`` of ``autoseg analyze subgroups``: the worst group against the rest, per grouping."""
+    for column, a in d["analyses"].items():
+        w = a.get("worst_vs_rest")
+        if w is None:  # a single group (e.g. one spacing): nothing to compare
+            continue
+        ours = (
+            f"{w['group']}: {w['difference']:+.3f} [{w['ci_low']:+.3f}, {w['ci_high']:+.3f}] vs the rest; "
+            f"groups differ p = {a['p_value']:.3f}"
+        )
+        cond = f"{d['configuration']}, {d['n_cases']} {d['source']} cases, groups by {column}"
+        yield f"Dice by subgroup ({column})", ours, "-", "no nnU-Net counterpart", cond
+
+
 #: Row builders in table order; each reads the files ``<its name>*.json``.
 BUILDERS: tuple[Callable[[Data], Iterator[Cells]], ...] = (
     fingerprint, preprocess, dataloader, train_step, inference, train_cpu_plan, precision, end_to_end, real,
-    memory_model, search, fold_compare, budget_split, bounded_memory, onnx_cpu,
+    memory_model, search, fold_compare, budget_split, bounded_memory, onnx_cpu, calibration, robustness, subgroups,
 )  # fmt: skip
 
 
