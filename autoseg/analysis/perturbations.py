@@ -184,11 +184,13 @@ def apply_perturbation(
     *,
     label: np.ndarray | None = None,
     seed: int = 0,
+    value_range: tuple[float, float] | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Apply perturbation ``name`` at severity ``level`` (1-based) to a (C, Z, Y, X) image; inputs are not modified.
 
     Returns the perturbed image (float32, same shape) and the label map (Z, Y, X), transformed with the image when
-    the perturbation moves voxels, else returned as given.
+    the perturbation moves voxels, else returned as given. ``value_range`` clips the result to what the input can
+    hold (8-bit colour saturates at 0 and 255, as a camera does).
     """
     perturbation = perturbations_for([name], is_2d=False)[0]
     if not 1 <= level <= len(perturbation.values):
@@ -202,4 +204,6 @@ def apply_perturbation(
         np.asarray(image, np.float32), label, spacing_zyx, perturbation.values[level - 1], rng
     )
     assert out.shape == image.shape
+    if value_range is not None:
+        out = np.clip(out, *value_range)
     return out.astype(np.float32, copy=False), out_label

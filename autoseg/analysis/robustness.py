@@ -115,7 +115,13 @@ def robustness_analysis(
         for p in chosen:
             for level in levels:
                 moved, ref = apply_perturbation(
-                    p.name, image, geometry.spacing_zyx, level, label=label, seed=seed + 1000 * i + level
+                    p.name,
+                    image,
+                    geometry.spacing_zyx,
+                    level,
+                    label=label,
+                    seed=seed + 1000 * i + level,
+                    value_range=_value_range(plans, config),
                 )
                 assert ref is not None
                 prediction = predictor.predict(moved, geometry).labels
@@ -182,6 +188,12 @@ def plot_robustness(table: dict, path: Path) -> None:
     ax.set_xticks([0, *sorted({r["level"] for row in table["perturbations"].values() for r in row["levels"]})])
     ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     save_figure(fig, path)
+
+
+def _value_range(plans: Plans, config: str) -> tuple[float, float] | None:
+    """8-bit colour channels hold 0..255: perturbed colour images are clipped there (the rgb scheme refuses more)."""
+    schemes = {n.scheme for n in plans.configurations[config].normalization}
+    return (0.0, 255.0) if schemes == {"rgb"} else None
 
 
 def robustness_rows(table: dict) -> list[str]:

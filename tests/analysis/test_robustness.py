@@ -137,6 +137,16 @@ def test_2d_images_keep_their_single_slice():
         assert not np.allclose(out, image[:, 4:5]), name
 
 
+def test_8_bit_colour_saturates_instead_of_leaving_its_range():
+    """DSB2018's RGB images: noise and intensity shifts may not leave 0..255, which the rgb normalisation refuses."""
+    rgb = np.random.default_rng(0).integers(0, 256, (3, 1, 40, 50)).astype(np.float32)
+    for name in ("noise", "intensity", "bias_field"):
+        out, _ = apply_perturbation(name, rgb, (1.0, 1.0, 1.0), 3, value_range=(0.0, 255.0))
+        assert out.min() >= 0 and out.max() <= 255 and not np.array_equal(out, rgb), name
+    free, _ = apply_perturbation("noise", rgb, (1.0, 1.0, 1.0), 3)
+    assert free.min() < 0 or free.max() > 255  # without the range, it would leave it
+
+
 def test_unknown_perturbation_and_level_are_refused():
     image, _ = _volume()
     with pytest.raises(ConfigError, match="unknown perturbation.*noise"):
