@@ -51,10 +51,13 @@ AUDIT: dict[str, tuple[str, str | None, str]] = {
     "real_dsb2018.json": ("2026-12-07T15:31:19", None, ""),
     "bounded_memory.json": ("2026-12-07T16:23:48", None, ""),
     "onnx_cpu.json": ("2026-12-07T18:34:39", None, ""),
-    # analyze outputs carry no date: audited on 2026-12-07 (calibration: 20 of the 133 out-of-fold cases, stated)
+    # analyze outputs carry no date: audited on 2026-12-07
     "calibration_hippocampus.json": ("undated", None, ""),
     "robustness_hippocampus.json": ("undated", None, ""),
     "subgroups_hippocampus.json": ("undated", None, ""),
+    "calibration_dsb2018.json": ("undated", None, ""),
+    "subgroups_dsb2018.json": ("undated", None, ""),
+    "robustness_dsb2018.json": ("undated", None, ""),
 }
 Data = dict[str, Any]
 Cells = tuple[str, str, str, str, str]  # benchmark, autoseg, nnU-Net v2, comparison, conditions
