@@ -369,9 +369,10 @@ def plan_nnunet(fingerprint: Fingerprint, preset: str = "nnunet", *, gpu_memory_
         full = _configuration("3d_fullres", fullres, spacing_t, median_t, job, lowres is not None, dice_why)
         configs["3d_fullres"] = full.with_reason(target.why, need.why)
         if lowres is not None:
-            configs["3d_cascade_fullres"] = replace(
-                configs["3d_fullres"], name="3d_cascade_fullres", previous_stage="3d_lowres", inherits_from="3d_fullres"
-            ).with_reason("second cascade stage: full resolution, with the low-resolution prediction as extra input")
+            configs["3d_cascade_fullres"] = rules.cascade_stage(
+                configs["3d_fullres"],
+                "second cascade stage: full resolution, with the low-resolution prediction as extra input",
+            )
     return Plans.for_dataset(
         fingerprint,
         forward=forward,

@@ -32,7 +32,7 @@ from autoseg.planning.plans import (
 )
 from autoseg.runfolder import RunFolder
 
-__all__ = ["PRESETS", "cascade_stage", "make_plans", "plan_like", "plan_run"]
+__all__ = ["PRESETS", "make_plans", "plan_like", "plan_run"]
 
 log = logging.getLogger(__name__)
 
@@ -107,22 +107,6 @@ def _lowres(fp, spacing, median, n_cases, budget, base, fullres: Configuration) 
     return None if low is None else low.planned.with_reason(low.need.why, low.worth.why)
 
 
-def cascade_stage(fullres: Configuration) -> Configuration:
-    """The cascade's second stage: ``3d_fullres`` (same data, network, patch and schedule) taking the low-resolution
-    stage's prediction, one-hot, as extra input channels."""
-    return dataclasses.replace(
-        fullres,
-        name="3d_cascade_fullres",
-        previous_stage="3d_lowres",
-        inherits_from="3d_fullres",
-        data_identifier=fullres.data_identifier or fullres.name,
-    ).with_reason(
-        "3d_cascade_fullres: planned with 3d_lowres; full resolution with the low-resolution prediction (one-hot, "
-        "out of fold for training cases) as extra input channels, where the full-resolution patch sees too little "
-        "of the image"
-    )
-
-
 def _plan_configurations(
     fp: Fingerprint,
     target: np.ndarray,
@@ -140,7 +124,12 @@ def _plan_configurations(
         low = _lowres(fp, target, median, n, budget, base, full)
         if low is not None:
             configs["3d_lowres"] = low
-            configs["3d_cascade_fullres"] = cascade_stage(configs["3d_fullres"])
+            configs["3d_cascade_fullres"] = rules.cascade_stage(
+                configs["3d_fullres"],
+                "3d_cascade_fullres: planned with 3d_lowres; full resolution with the low-resolution prediction "
+                "(one-hot, out of fold for training cases) as extra input channels, where the full-resolution patch "
+                "sees too little of the image",
+            )
     s2d = rules.spacing_2d(target)
     configs["2d"] = default.plan_configuration(
         "2d", fp, s2d.value, median[1:], float(np.prod(median)) * n, budget, base

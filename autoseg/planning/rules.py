@@ -9,14 +9,14 @@ unless a docstring says "preprocessed order" (after :func:`transpose_for_spacing
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Generic, TypeVar
 
 import numpy as np
 
 from autoseg.errors import PlanningError
 from autoseg.fingerprint import ChannelFingerprint
-from autoseg.planning.plans import AugmentationSpec, ChannelNormalization
+from autoseg.planning.plans import AugmentationSpec, ChannelNormalization, Configuration
 
 __all__ = [
     "Decision",
@@ -33,6 +33,7 @@ __all__ = [
     "lowres_is_worthwhile",
     "LowRes",
     "plan_lowres",
+    "cascade_stage",
     "spacing_2d",
     "augmentation_for_patch",
     "augmentation_device",
@@ -356,3 +357,15 @@ def augmentation_device(device_kind: str) -> Decision[str]:
             "fast GPU is not left waiting for them",
         )
     return Decision("cpu", "augmentation in the CPU data loader's worker processes, beside the training")
+
+
+def cascade_stage(fullres: Configuration, why: str) -> Configuration:
+    """The cascade's second stage, ``3d_cascade_fullres``: ``fullres`` (same data, network, patch and schedule)
+    taking the low-resolution stage's prediction, one-hot, as extra input channels; ``why`` says so in the plan."""
+    return replace(
+        fullres,
+        name="3d_cascade_fullres",
+        previous_stage="3d_lowres",
+        inherits_from="3d_fullres",
+        data_identifier=fullres.data_identifier or fullres.name,
+    ).with_reason(why)

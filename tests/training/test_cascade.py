@@ -18,8 +18,9 @@ from autoseg.fingerprint_import import load_corpus_entry
 from autoseg.inference.predict import predict_path
 from autoseg.inference.predictor import Predictor
 from autoseg.pipeline import run_pipeline
-from autoseg.planning.planner import cascade_stage, make_plans
+from autoseg.planning.planner import make_plans
 from autoseg.planning.plans import load_plans
+from autoseg.planning.rules import cascade_stage
 from autoseg.preprocessing.preprocess import label_to_case_grid
 from autoseg.preprocessing.store import read_case
 from autoseg.runfolder import RunFolder, record_dataset
@@ -80,7 +81,11 @@ def cascade_run(tmp_path_factory) -> tuple[Path, Path]:
     low = dataclasses.replace(
         full, name="3d_lowres", spacing=tuple(2 * s for s in full.spacing), data_identifier="3d_lowres"
     )
-    configs = {"3d_fullres": full, "3d_lowres": low, "3d_cascade_fullres": cascade_stage(full)}
+    configs = {
+        "3d_fullres": full,
+        "3d_lowres": low,
+        "3d_cascade_fullres": cascade_stage(full, "the cascade under test"),
+    }
     dataclasses.replace(plans, configurations=configs).save(run / "plans.json")
     # asked for the cascade alone: its previous stage is preprocessed and cross-validated first
     selection = run_pipeline(data, run, device="cpu", configs=["3d_cascade_fullres"], workers=1, n_folds=2)
