@@ -11,6 +11,7 @@ of the user-facing CLI. The job is :func:`autoseg.pipeline.train_and_validate`; 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -46,7 +47,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("usage: python -m autoseg.job SPEC_JSON", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    return command_status(lambda: run(JobSpec.from_json(args[0])))
+    status = command_status(lambda: run(JobSpec.from_json(args[0])))
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # a DDP rank: gloo's threads may still hold tensors, and tearing the interpreter down under them
+        # aborts the process (SIGABRT), which torchrun reports as a failed job. Everything is written.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    return status
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ a plan asks for ``training.gpus_per_job`` > 1.
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 from dataclasses import dataclass
@@ -45,6 +46,7 @@ class DistributedContext:
         """Tear the process group down on every rank together: a rank that exits while rank 0 still validates
         aborted at exit (gloo threads still joinable), killing the job."""
         if dist.is_initialized():
+            gc.collect()  # wrapped networks dropped by the caller: their pending gloo work goes with them
             dist.barrier()
             dist.destroy_process_group()
 

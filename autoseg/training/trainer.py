@@ -349,6 +349,7 @@ def _train(
                 log.info("stopped after epoch %d by the caller (e.g. pruned by the search)", epoch)
                 return out
     if ddp is not None:
+        del network  # DDP's reducer holds the process group and gloo work: free it before the group goes
         ddp.close()
     if main and last_epoch == t.epochs and not (out / "checkpoint_final.pt").exists():
         save_checkpoint(out / "checkpoint_final.pt", load_checkpoint(latest))
