@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
+AUTOSEG = [sys.executable, "-m", "autoseg.cli"]
 NNUNET_PYTHON = os.environ.get("NNUNET_PYTHON", "/work/nnunet-venv/bin/python")
 
 
@@ -81,6 +82,21 @@ def evaluation_seed(given: int | None) -> tuple[int, str]:
     import secrets
 
     return FIRST_EVALUATION_SEED + secrets.randbelow(2**31 - FIRST_EVALUATION_SEED), "fresh (drawn for this run)"
+
+
+def run_autoseg(args: list[str], log: Path, threads: int) -> float:
+    """``autoseg ARGS`` with ``threads`` torch threads, its output to ``log``; returns wall seconds, exits on a
+    failure (naming the log)."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    root = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+    log.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    with log.open("w") as fh:
+        done = subprocess.run([*AUTOSEG, *args], stdout=fh, stderr=subprocess.STDOUT, env=env)
+    if done.returncode:
+        raise SystemExit(f"autoseg {' '.join(args)} failed (exit {done.returncode}); see {log}")
+    return time.perf_counter() - start
 
 
 def machine() -> dict:

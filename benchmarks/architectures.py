@@ -31,8 +31,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -40,7 +38,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import _realdata  # noqa: E402
-from _measure import RESULTS, add_run, machine, print_table  # noqa: E402
+from _measure import RESULTS, add_run, machine, print_table, run_autoseg  # noqa: E402
 from real import interval, metric_rows, per_case  # noqa: E402
 
 from autoseg.errors import PlanningError  # noqa: E402
@@ -50,21 +48,6 @@ from autoseg.planning.planner import primary_configuration  # noqa: E402
 from autoseg.planning.plans import load_plans  # noqa: E402
 from autoseg.search.objective import prepare_trial_dir  # noqa: E402
 from autoseg.search.space import FAMILIES, build_candidate, rule_params  # noqa: E402
-
-AUTOSEG = [sys.executable, "-m", "autoseg.cli"]
-
-
-def _run(cmd: list[str], log: Path, threads: int) -> float:
-    """Run an autoseg command with ``threads`` torch threads; its output goes to ``log``. Returns wall seconds."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE.parent), env.get("PYTHONPATH")]))
-    log.parent.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    with log.open("w") as fh:
-        done = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
-    if done.returncode:
-        raise SystemExit(f"{' '.join(cmd)} failed (exit {done.returncode}); see {log}")
-    return time.perf_counter() - start
 
 
 def _base(ds: _realdata.RealDataset, work: Path, args: argparse.Namespace) -> tuple[Path, Path, str]:
@@ -76,11 +59,11 @@ def _base(ds: _realdata.RealDataset, work: Path, args: argparse.Namespace) -> tu
                 extra.unlink()
     base = work / "base"
     if not (base / "plans.json").is_file():
-        _run([*AUTOSEG, "fingerprint", str(data), "-o", str(base), "-j", "1"], work / "logs" / "fingerprint", 1)
-        plan = [*AUTOSEG, "plan", str(base), "--device", "cpu", "--cross-validation", "never"]
-        _run(plan, work / "logs" / "plan", args.threads)
+        run_autoseg(["fingerprint", str(data), "-o", str(base), "-j", "1"], work / "logs" / "fingerprint", 1)
+        plan = ["plan", str(base), "--device", "cpu", "--cross-validation", "never"]
+        run_autoseg(plan, work / "logs" / "plan", args.threads)
     config = primary_configuration(load_plans(base).configurations)
-    _run([*AUTOSEG, "preprocess", str(base), "-c", config, "-j", "1"], work / "logs" / "preprocess", 1)
+    run_autoseg(["preprocess", str(base), "-c", config, "-j", "1"], work / "logs" / "preprocess", 1)
     return data, base, config
 
 
@@ -102,16 +85,16 @@ def _family(family: str, base: Path, data: Path, config: str, work: Path, args: 
     )
     one = dataclasses.replace(candidate.plans, configurations={config: dataclasses.replace(c, training=training)})
     run = prepare_trial_dir(base, work / family, one, fresh=not args.keep)
-    train_s = _run([*AUTOSEG, "train", str(run), "-c", config, "-f", "all", "-j", "0"], run / "log_train", args.threads)
+    train_s = run_autoseg(["train", str(run), "-c", config, "-f", "all", "-j", "0"], run / "log_train", args.threads)
     pred = run / "pred"
-    predict_s = _run(
-        [*AUTOSEG, "predict", "-m", str(run), "-i", str(data / "imagesTs"), "-o", str(pred)],
+    predict_s = run_autoseg(
+        ["predict", "-m", str(run), "-i", str(data / "imagesTs"), "-o", str(pred)],
         run / "log_predict",
         args.threads,
     )
     labels = [str(v) for k, v in sorted(plans.labels.items(), key=lambda kv: kv[1]) if v != 0]
-    evaluate = [*AUTOSEG, "evaluate", str(pred), str(data / "labelsTs"), "-o", str(run / "eval"), "-j", "1"]
-    _run([*evaluate, "--labels", *labels], run / "log_evaluate", 1)
+    evaluate = ["evaluate", str(pred), str(data / "labelsTs"), "-o", str(run / "eval"), "-j", "1"]
+    run_autoseg([*evaluate, "--labels", *labels], run / "log_evaluate", 1)
     summary = json.loads((run / "eval" / "summary.json").read_text())
     torch.set_num_threads(args.threads)
     n_in, n_out = len(plans.channels), plans.n_outputs

@@ -395,10 +395,33 @@ def subgroups(d: Data) -> Iterator[Cells]:
         yield f"Dice by subgroup ({column})", ours, "-", "no nnU-Net counterpart", cond
 
 
+def architectures(d: Data) -> Iterator[Cells]:
+    """``architectures.json`` of benchmarks/architectures.py: one row per dataset run and family."""
+    for dataset, runs in d["runs"].items():
+        for started, e in runs.items():
+            mean, m = e["dice"]["dice"]["mean"], e["machine"]
+            cond = (
+                f"{e['configuration']}, rule plan with only the family changed, {e['budget']['iterations']} iterations "
+                f"each, fold all; {e['test_cases']} test cases, 95% bootstrap; one core, {m['threads']} thread; "
+                f"{m['cpu']}, {m['cores']} cores, {started}"
+            )
+            for family, r in e["families"].items():
+                what = f"architecture {family}, {dataset}"
+                if "excluded" in r:
+                    yield what, f"excluded: {r['excluded']}", "-", "-", cond
+                    continue
+                ours = f"Dice {_ci(mean[family])}; {r['step_s']} s/step, {r['parameters'] / 1e6:.2g} M parameters"
+                ours += "".join(f"; {note}" for note in r["repairs"])
+                diff = mean.get(f"{family}-plain")
+                comp = "reference family" if family == "plain" else f"vs plain, paired: {_ci(diff)}" if diff else "-"
+                yield what, ours, "-", comp, cond
+
+
 #: Row builders in table order; each reads the files ``<its name>*.json``.
 BUILDERS: tuple[Callable[[Data], Iterator[Cells]], ...] = (
     fingerprint, preprocess, dataloader, train_step, inference, train_cpu_plan, precision, end_to_end, real,
     memory_model, search, fold_compare, budget_split, bounded_memory, onnx_cpu, calibration, robustness, subgroups,
+    architectures,
 )  # fmt: skip
 
 

@@ -10,6 +10,10 @@ They carry the difficulties of real data while staying small enough to train on 
 - ``ct3d_hard``: ``ct3d`` made harder for evaluation: every scan is oblique (its axes rotated up to 25 degrees
   against the anatomy, stored in the direction cosines), the lesion's and the organ's intensities overlap, and a
   second tiny class (cysts, darker than the organ and as dark as the tissue around it) lies in the organ.
+- ``ct3d_context``: large CT volumes (about 68 x 160 x 180 voxels) where the class of an organ depends on something
+  far away: two identical kidney-like organs, one on each side, and a heart on a random side (as in situs
+  inversus); the organ on the heart's side is one class, the other organ another. A patch that sees one organ
+  but not the heart cannot tell which it is; a whole-image view can (the case for the low-resolution cascade).
 
 Objects are placed in physical (mm) coordinates and sampled on each case's grid, so shapes, spacings and
 origins vary from case to case without distorting the anatomy. ``labelsTs/`` holds the truth of the test cases.
@@ -121,6 +125,28 @@ def _make_ct(rng: np.random.Generator, hard: bool = False) -> tuple[list[np.ndar
     return [np.clip(np.rint(hu), -1024, 3071).astype(np.int16)], label, geometry
 
 
+def _make_ct_context(rng: np.random.Generator) -> tuple[list[np.ndarray], np.ndarray, Geometry]:
+    coords, geometry = _grid(rng, ((64, 72), (150, 170), (170, 190)), (2.0, 1.2, 1.2), 0.05)
+    extent = np.array(geometry.shape_zyx) * np.array(geometry.spacing_zyx) / 2
+    body = _ellipsoid(coords, (0, 0, 0), (extent[0] * 1.5, extent[1] * 0.85, extent[2] * 0.9), rng, 0.05)
+    heart_side = float(rng.choice((-1.0, 1.0)))  # coords are (z, y, x): x runs across the body
+    label = np.zeros(geometry.shape_zyx, np.uint8)
+    for side, value in ((heart_side, 1), (-heart_side, 2)):  # the organ on the heart's side is class 1
+        centre = (rng.uniform(-38, -30), rng.uniform(25, 35), side * rng.uniform(40, 50))
+        label[_ellipsoid(coords, centre, (rng.uniform(20, 24), 15.0, 13.0), rng, 0.1) & body] = value
+    heart_c = (rng.uniform(35, 42), rng.uniform(-20, -10), heart_side * rng.uniform(30, 40))
+    label[_ellipsoid(coords, heart_c, tuple(rng.uniform(16, 20, size=3)), rng, 0.1) & body] = 3
+    spine = _ellipsoid(coords, (0.0, 55.0, 0.0), (extent[0] * 2, 10.0, 10.0)) & body
+    hu = np.full(geometry.shape_zyx, -1000.0)
+    hu[body] = 20 + 15 * _texture(rng, geometry.shape_zyx, 2)[body]
+    hu[spine] = 600 + 100 * _texture(rng, geometry.shape_zyx, 1)[spine]
+    for value, (mean, spread) in {1: (130, 12), 2: (130, 12), 3: (250, 20)}.items():
+        mask = label == value
+        hu[mask] = mean + spread * _texture(rng, geometry.shape_zyx, 1.5)[mask]
+    hu = ndimage.gaussian_filter(hu, sigma=(0.4, 0.6, 0.6)) + rng.normal(0, 12, hu.shape)
+    return [np.clip(np.rint(hu), -1024, 3071).astype(np.int16)], label, geometry
+
+
 def _make_mr(rng: np.random.Generator) -> tuple[list[np.ndarray], np.ndarray, Geometry]:
     coords, geometry = _grid(rng, ((20, 26), (72, 90), (72, 90)), (3.0, 0.8, 0.8), 0.08)
     extent = np.array(geometry.shape_zyx) * np.array(geometry.spacing_zyx) / 2
@@ -170,13 +196,19 @@ KINDS: dict[str, _Kind] = {
         ".nii.gz",
         lambda rng: _make_ct(rng, hard=True),
     ),
+    "ct3d_context": _Kind(
+        ("CT",),
+        {"background": 0, "organ_heart_side": 1, "organ_other_side": 2, "heart": 3},
+        ".nii.gz",
+        _make_ct_context,
+    ),
     "mr3d": _Kind(("T1", "T2"), {"background": 0, "gland": 1, "lesion": 2}, ".nii.gz", _make_mr),
     "2d": _Kind(("microscopy",), {"background": 0, "cell": 1, "spot": 2}, ".png", _make_2d),
 }
 
 
 #: A fixed number per kind for its seeds (so adding a kind never changes another kind's cases).
-_KIND_NUMBER = {"2d": 0, "ct3d": 1, "mr3d": 2, "ct3d_hard": 3}
+_KIND_NUMBER = {"2d": 0, "ct3d": 1, "mr3d": 2, "ct3d_hard": 3, "ct3d_context": 4}
 
 
 def make_dataset(out: Path | str, kind: str = "ct3d", cases: int = 8, *, test_cases: int = 2, seed: int = 0) -> Path:

@@ -292,13 +292,9 @@ class BatchLoader:
         if not self._procs and not self._queues:
             self._signals.close()
             return
+        # no draining: workers see the flag within one put timeout and leave without flushing (cancel_join_thread),
+        # and reading here could block for ever on the half-written batch of a worker that died mid-put
         self._stop.set()
-        for q in self._queues:
-            try:
-                while True:
-                    q.get_nowait()
-            except (queue.Empty, OSError, ValueError):
-                pass
         for p in self._procs:
             p.join(timeout=5)
             if p.is_alive():

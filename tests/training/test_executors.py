@@ -19,7 +19,8 @@ import pytest
 import torch
 from optuna.storages.journal import JournalFileBackend
 
-from autoseg.cli import _executor, build_parser
+from autoseg.cli import build_parser
+from autoseg.commands import executor_options as _executor
 from autoseg.errors import ConfigError
 from autoseg.pipeline import train_jobs
 from autoseg.planning.plans import load_plans
