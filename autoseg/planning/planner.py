@@ -312,7 +312,16 @@ def _fit_time(
     out = {}
     for name, c in configs.items():
         epochs, reason = _epochs(c, seconds[name], hours, n_jobs, cross_validation)
-        out[name] = dataclasses.replace(c, training=dataclasses.replace(c.training, epochs=epochs)).with_reason(reason)
+        training = dataclasses.replace(c.training, epochs=epochs)
+        if fewer_jobs:  # the user's own deadline: each job keeps to its share even where steps run slower
+            reserve = default.RESERVE_CROSS_VALIDATION if cross_validation else default.RESERVE_ONE_MODEL
+            limit = round((1 - reserve) * hours / n_jobs, 4)
+            training = dataclasses.replace(training, time_limit_hours=limit)
+            reason += (
+                f"; each job trains at most {limit:g} h: the trainer trains fewer epochs (learning rate still "
+                "decayed to its end) when its measured epochs run slower than planned"
+            )
+        out[name] = dataclasses.replace(c, training=training).with_reason(reason)
     return out, cross_validation
 
 

@@ -133,6 +133,9 @@ class TrainingSpec:
     init_from: str | None = None
     #: epochs of linear learning-rate warm-up from lr / (warmup_epochs + 1) (fine-tuning a transferred network)
     warmup_epochs: int = 0
+    #: wall-clock hours this job may train; when its measured epochs would not fit, the trainer trains fewer epochs,
+    #: the learning rate still decaying to its end (:func:`autoseg.training.trainer.fit_epochs`). None: no limit
+    time_limit_hours: float | None = None
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,12 @@ class DistributedContext:
         ids = [device.index] if device.type == "cuda" else None
         return torch.nn.parallel.DistributedDataParallel(network, device_ids=ids, find_unused_parameters=True)
 
+    def broadcast(self, value):
+        """Rank 0's ``value`` on every rank (a picklable object; every rank must call this together)."""
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
     def close(self) -> None:
         """Tear the process group down on every rank together: a rank that exits while rank 0 still validates
         aborted at exit (gloo threads still joinable), killing the job."""

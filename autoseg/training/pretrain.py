@@ -46,7 +46,7 @@ from autoseg.training.augmentation import sampling_patch_size
 from autoseg.training.checkpoint import load_checkpoint, save_checkpoint
 from autoseg.training.curves import plot_training_curves
 from autoseg.training.loader import BatchLoader, BatchRecipe, CaseData
-from autoseg.training.trainer import _lr, _optimizer
+from autoseg.training.schedule import build_optimizer, learning_rate
 
 __all__ = ["MASK_RATIO", "PretrainOptions", "masked_input", "pretrain"]
 
@@ -182,7 +182,7 @@ def _train(plans: Plans, config: str, ids: list[str], folder: Path, out: Path, o
     channels = len(plans.channels)
     network = build_network(c.network, channels, channels).to(device)
     network.deep_supervision = False
-    optimizer = _optimizer(c, network.parameters())
+    optimizer = build_optimizer(c, network.parameters())
     epochs, start, history = options.epochs or t.epochs, 0, []
     latest = out / "checkpoint_latest.pt"
     if latest.is_file():
@@ -207,7 +207,7 @@ def _train(plans: Plans, config: str, ids: list[str], folder: Path, out: Path, o
     with BatchLoader(_Unlabelled(folder), recipe, workers=options.workers, start=start * t.iterations_per_epoch) as it:
         epoch = start
         while epoch < epochs:  # the time budget may change ``epochs`` after the first
-            lr = _lr(dataclasses.replace(c, training=dataclasses.replace(t, epochs=epochs)), epoch)
+            lr = learning_rate(dataclasses.replace(c, training=dataclasses.replace(t, epochs=epochs)), epoch)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             tick = time.perf_counter()

@@ -14,7 +14,6 @@ import dataclasses
 import functools
 import json
 import logging
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -42,8 +41,9 @@ from autoseg.training.batch_augmentation import augment_batch, batch_generator
 from autoseg.training.cascade import prepare_previous_stage
 from autoseg.training.checkpoint import load_checkpoint, save_checkpoint
 from autoseg.training.curves import plot_training_curves
-from autoseg.training.distributed import from_environment
+from autoseg.training.distributed import DistributedContext, from_environment
 from autoseg.training.loader import BatchLoader, BatchRecipe, CaseData, choose_workers
+from autoseg.training.schedule import build_optimizer, fit_epochs, learning_rate
 from autoseg.training.splits import fold_cases, load_or_make_splits
 from autoseg.training.transfer import initialise_from
 
@@ -88,35 +88,6 @@ def _open_case(folder: Path, case_id: str, previous: Path | None = None) -> Case
         if before.shape != label.shape:
             raise TrainingError(f"{previous / case_id}.npy: shape {before.shape} differs from the case's {label.shape}")
     return CaseData(data, label, read_class_locations(folder, case_id), before)
-
-
-def _lr(configuration: Configuration, epoch: int) -> float:
-    t = configuration.training
-    if epoch < t.warmup_epochs:
-        return _scheduled_lr(configuration, epoch) * (epoch + 1) / (t.warmup_epochs + 1)
-    return _scheduled_lr(configuration, epoch)
-
-
-def _scheduled_lr(configuration: Configuration, epoch: int) -> float:
-    t = configuration.training
-    if t.lr_schedule == "poly":
-        return t.learning_rate * (1 - epoch / t.epochs) ** t.poly_exponent
-    if t.lr_schedule == "cosine":
-        return 0.5 * t.learning_rate * (1 + math.cos(math.pi * epoch / t.epochs))
-    if t.lr_schedule == "constant":
-        return t.learning_rate
-    raise TrainingError(f"training.lr_schedule {t.lr_schedule!r} unknown; choose poly, cosine or constant")
-
-
-def _optimizer(configuration: Configuration, params) -> torch.optim.Optimizer:
-    t = configuration.training
-    if t.optimizer == "sgd":
-        return torch.optim.SGD(
-            params, lr=t.learning_rate, momentum=t.momentum, nesterov=t.nesterov, weight_decay=t.weight_decay
-        )
-    if t.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay)
-    raise TrainingError(f"training.optimizer {t.optimizer!r} unknown; choose sgd or adamw")
 
 
 def _recipes(plans: Plans, c: Configuration, train_ids, val_ids, n_ds: int, seed: int) -> tuple[BatchRecipe, ...]:
@@ -240,6 +211,7 @@ def _train(
     options: TrainOptions,
     on_epoch_end: EpochCallback | None,
 ) -> Path:
+    started = time.perf_counter()  # the time limit counts start-up too
     t = c.training
     device = resolve_device(options.device)
     ddp = from_environment(device)
@@ -268,7 +240,7 @@ def _train(
         ignore_label=plans.ignore_label,
         deep_supervision_scales=n_ds,
     )
-    optimizer = _optimizer(c, network.parameters())
+    optimizer = build_optimizer(c, network.parameters())
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     history: list[dict] = []
     start_epoch, best_ema = 0, -1.0
@@ -288,6 +260,12 @@ def _train(
         torch.set_rng_state(state["torch_rng"])
         start_epoch, best_ema, history = state["epoch"], state["best_ema"], json.loads(state["history"])
         log.info("resuming %s fold %s at epoch %d", c.name, fold, start_epoch)
+        if t.time_limit_hours is not None and state.get("epochs", t.epochs) < t.epochs:  # shortened to fit
+            c = dataclasses.replace(c, training=dataclasses.replace(t, epochs=state["epochs"]))
+            t = c.training
+    elapsed_before = 0.0  # the job's wall-clock seconds in earlier runs (logs from before it was kept: summed epochs)
+    for h in history:
+        elapsed_before = h.setdefault("elapsed_seconds", elapsed_before + h["seconds"])
     # what this fold is trained with, kept in every checkpoint: prediction rebuilds the network from it
     provenance = {"configuration": json.dumps(to_jsonable(c)), "overrides": list(overrides)}
     if main:
@@ -342,18 +320,36 @@ def _train(
                 device,
                 dtype,
             )
-            if not main:
-                continue
-            best_ema = _finish_epoch(out, record, history, model, optimizer, scaler, c, best_ema, provenance)
-            if on_epoch_end is not None and on_epoch_end(epoch, record):
-                log.info("stopped after epoch %d by the caller (e.g. pruned by the search)", epoch)
-                return out
+            if main:
+                record["elapsed_seconds"] = round(elapsed_before + time.perf_counter() - started, 3)
+                best_ema = _finish_epoch(out, record, history, model, optimizer, scaler, c, best_ema, provenance)
+                if on_epoch_end is not None and on_epoch_end(epoch, record):
+                    log.info("stopped after epoch %d by the caller (e.g. pruned by the search)", epoch)
+                    return out
+            if t.time_limit_hours is not None:
+                c = _fit_time_limit(c, history, ddp)
+                t = c.training
+                last_epoch = min(last_epoch, t.epochs)
+                if epoch + 1 >= last_epoch:
+                    break
     if ddp is not None:
         del network  # DDP's reducer holds the process group and gloo work: free it before the group goes
         ddp.close()
     if main and last_epoch == t.epochs and not (out / "checkpoint_final.pt").exists():
         save_checkpoint(out / "checkpoint_final.pt", load_checkpoint(latest))
     return out
+
+
+def _fit_time_limit(c: Configuration, history: list[dict], ddp: DistributedContext | None) -> Configuration:
+    """``c`` with the epochs that fit its time limit (:func:`fit_epochs`, decided on rank 0 and shared)."""
+    epochs, why = fit_epochs(c.training, [h["elapsed_seconds"] for h in history]) if history else (None, None)
+    if ddp is not None:
+        epochs = ddp.broadcast(epochs)
+    if epochs is None or epochs >= c.training.epochs:
+        return c
+    if why:
+        log.info("%s", why)
+    return dataclasses.replace(c, training=dataclasses.replace(c.training, epochs=epochs))
 
 
 def _to(batch: dict, index: int = 0, *, device: torch.device) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -374,7 +370,7 @@ def _run_epoch(
     network, optimizer, scaler, loss_fn, batches, prepare, source, val_recipe, plans, c, epoch, device, dtype
 ) -> dict:
     t = c.training
-    lr = _lr(c, epoch)
+    lr = learning_rate(c, epoch)
     for group in optimizer.param_groups:
         group["lr"] = lr
     network.train()
@@ -442,6 +438,7 @@ def _finish_epoch(
         "grad_scaler": scaler.state_dict(),
         "torch_rng": torch.get_rng_state(),
         "epoch": record["epoch"] + 1,
+        "epochs": c.training.epochs,  # the schedule's length, shortened when a time limit needs it
         "best_ema": max(best_ema, ema),
         "history": json.dumps(history),
         **provenance,

@@ -95,6 +95,11 @@ def test_time_budget_sets_epochs():
         trained = [p.configurations[key].training.epochs * (5 if p.cross_validation else 1) for p in (short, long)]
         assert trained[1] > trained[0]
         assert any("time budget" in w for w in short.configurations[key].why)
+        # each job keeps to its share of the budget: one model gets 2 h less the reserve, 20 h is shared by folds
+        limits = [p.configurations[key].training.time_limit_hours for p in (short, long)]
+        assert 1.0 < limits[0] < 2.0 and limits[1] < 20 / 5 / len(long.configurations)
+    unbounded = make_plans(fp, device="cpu", check_speed=False, cpu_flops=25e9)
+    assert all(c.training.time_limit_hours is None for c in unbounded.configurations.values())
 
 
 def test_small_budgets_go_to_fewer_jobs():

@@ -193,3 +193,16 @@ def test_overrides_that_change_preprocessing_are_refused(run_dir):
     with pytest.raises(ConfigError, match=r"changes how 3d_fullres is preprocessed .*`autoseg preprocess`"):
         train_fold(run_dir, "3d_fullres", 3, overrides=["3d_fullres.spacing=[3.0,1.6,1.6]"])
     assert not (run_dir / "models" / "3d_fullres" / "fold_3" / "log.jsonl").exists()
+
+
+def test_a_job_over_its_time_limit_trains_fewer_epochs_and_still_finishes(run_dir):
+    """Epochs measured slower than the limit allows: the schedule is shortened (learning rate decayed over the
+    epochs that fit) and the job ends with its final checkpoint, as a planned end would."""
+    options = TrainOptions(device="cpu", workers=0)
+    out = train_fold(run_dir, "3d_fullres", "all", overrides=["training.epochs=4", "training.time_limit_hours=1e-7"])
+    history = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert len(history) == 1 and history[0]["elapsed_seconds"] > 0
+    final = load_checkpoint(out / "checkpoint_final.pt")
+    assert (final["epoch"], final["epochs"]) == (1, 4)  # saved before the limit was applied; the next run knows
+    assert "1 of 4 epochs fit" in (out / "training.log").read_text()
+    assert train_fold(run_dir, "3d_fullres", "all", options=options) == out  # finished: nothing to do

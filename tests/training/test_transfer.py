@@ -19,7 +19,7 @@ from autoseg.runfolder import RunFolder, record_dataset
 from autoseg.training import pretrain as pretrain_module
 from autoseg.training.checkpoint import load_checkpoint
 from autoseg.training.pretrain import PretrainOptions, masked_input, pretrain
-from autoseg.training.trainer import _lr
+from autoseg.training.schedule import learning_rate
 from autoseg.training.transfer import resolve_source, transfer_weights
 
 TINY = ["training.epochs=1", "training.iterations_per_epoch=2", "training.val_iterations=1"]
@@ -56,8 +56,9 @@ def test_warm_up_rises_to_the_schedule():
     import dataclasses
 
     warm = dataclasses.replace(c, training=dataclasses.replace(c.training, warmup_epochs=3))
-    rates = [_lr(warm, e) for e in range(5)]
-    assert rates[0] < rates[1] < rates[2] < rates[3] and rates[3] == _lr(c, 3) and rates[4] == _lr(c, 4)
+    rates = [learning_rate(warm, e) for e in range(5)]
+    assert rates[0] < rates[1] < rates[2] < rates[3]
+    assert rates[3] == learning_rate(c, 3) and rates[4] == learning_rate(c, 4)
 
 
 def _tiny_fingerprint():
