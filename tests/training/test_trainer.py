@@ -177,7 +177,10 @@ def test_data_parallel_job_with_torchrun_on_cpu(run_dir):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     from autoseg.training.jobs import JobSpec, job_command
 
-    spec = JobSpec(str(run_dir), "3d_fullres", "2", ("training.epochs=2",), device="cpu", workers=0)
+    # a time limit that fits: rank 0 decides the epochs after each one and every rank follows (a broadcast)
+    spec = JobSpec(
+        str(run_dir), "3d_fullres", "2", ("training.epochs=2", "training.time_limit_hours=1.0"), device="cpu", workers=0
+    )
     cmd = job_command(spec, gpus=2)  # what the job runner starts for a job of two devices
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
