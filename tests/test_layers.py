@@ -3,7 +3,7 @@
 Read from the source (every ``import``, at module level or inside a function): a module may import its own
 package and the layers below its own, never a layer above. The order is the pipeline's:
 base -> data -> run folder -> fingerprint -> networks -> planning -> preprocessing -> evaluation -> training ->
-inference -> analysis -> search -> pipeline (and the job entry point) -> example -> cli.
+inference -> analysis -> search -> pipeline (and the job entry point) -> example -> commands -> cli.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ LAYERS: list[set[str]] = [
     {"search", "export"},
     {"pipeline", "job"},
     {"example"},
+    {"commands"},
     {"cli"},
 ]
 
