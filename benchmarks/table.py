@@ -58,6 +58,7 @@ AUDIT: dict[str, tuple[str, str | None, str]] = {
     "calibration_dsb2018.json": ("undated", None, ""),
     "subgroups_dsb2018.json": ("undated", None, ""),
     "robustness_dsb2018.json": ("undated", None, ""),
+    "architectures.json": ("2026-12-07T19:53:50", None, ""),
 }
 Data = dict[str, Any]
 Cells = tuple[str, str, str, str, str]  # benchmark, autoseg, nnU-Net v2, comparison, conditions
@@ -415,6 +416,8 @@ def architectures(d: Data) -> Iterator[Cells]:
                 diff = mean.get(f"{family}-plain")
                 comp = "reference family" if family == "plain" else f"vs plain, paired: {_ci(diff)}" if diff else "-"
                 yield what, ours, "-", comp, cond
+            for family in e.get("families_pending", []):
+                yield f"architecture {family}, {dataset}", "not yet measured", "-", "-", f"{e.get('note', '')}; {cond}"
 
 
 #: Row builders in table order; each reads the files ``<its name>*.json``.
