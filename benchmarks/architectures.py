@@ -39,7 +39,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import _realdata  # noqa: E402
 from _measure import RESULTS, add_run, machine, print_table, run_autoseg  # noqa: E402
-from real import interval, metric_rows, per_case  # noqa: E402
+from real import against, metric_rows  # noqa: E402
 
 from autoseg.errors import PlanningError  # noqa: E402
 from autoseg.networks import build_network, list_blocks  # noqa: E402
@@ -115,21 +115,6 @@ def _family(family: str, base: Path, data: Path, config: str, work: Path, args: 
     }
 
 
-def _stats(results: dict[str, dict], classes: dict[str, str], args: argparse.Namespace) -> dict:
-    """Dice per class and mean, each family with its interval and its paired difference to plain."""
-    trained = {f: r for f, r in results.items() if "summary" in r}
-    values = {f: per_case(r["summary"], "dice", list(classes))[1] for f, r in trained.items()}
-    stats: dict[str, dict] = {"dice": {}}
-    for k in [*classes, "mean"]:
-        row: dict[str, dict] = {}
-        for f in trained:
-            row[f] = interval(values[f][k], None, resamples=args.resamples, seed=args.seed)
-            if f != "plain" and "plain" in values:
-                row[f"{f}-plain"] = interval(values[f][k], values["plain"][k], resamples=args.resamples, seed=args.seed)
-        stats["dice"][classes.get(k, k)] = row
-    return stats
-
-
 def run_dataset(ds: _realdata.RealDataset, args: argparse.Namespace, conditions: dict) -> None:
     work = args.work.resolve() / ds.key
     data, base, config = _base(ds, work, args)
@@ -140,7 +125,8 @@ def run_dataset(ds: _realdata.RealDataset, args: argparse.Namespace, conditions:
     for family in args.families:
         print(f"{ds.key}: {family} ...", flush=True)
         entry["families"][family] = _family(family, base, data, config, work, args)
-        entry["dice"] = _stats(entry["families"], classes, args)
+        trained = {f: r["summary"] for f, r in entry["families"].items() if "summary" in r}
+        entry["dice"] = against(trained, classes, "plain", resamples=args.resamples, seed=args.seed)
         path = add_run("architectures", {"format": 1}, ds.key, started, entry, folder=args.results)
     rows = [
         {k: r.get(k, "") for k in ("family", "step_s", "parameters", "iterations", "train_s", "excluded")}

@@ -37,7 +37,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from _measure import RESULTS, add_run, machine, print_table, run_autoseg  # noqa: E402
-from real import interval, metric_rows, per_case  # noqa: E402
+from real import against, metric_rows  # noqa: E402
 
 from autoseg.data.synth import KINDS, make_dataset  # noqa: E402
 from autoseg.inference.selection import load_selection  # noqa: E402
@@ -116,16 +116,8 @@ def main() -> None:
     scored = {FULL: (run, FULL), CASCADE: (run, CASCADE), LONG: (long, FULL)}
     results = {name: _score(name, r, c, data, work, args) for name, (r, c) in scored.items()}
     classes = {str(v): k for k, v in KINDS[KIND].labels.items() if v}
-    values = {n: per_case(r["summary"], "dice", list(classes))[1] for n, r in results.items()}
-    dice: dict[str, dict] = {}
-    for k in [*classes, "mean"]:
-        dice[classes.get(k, k)] = {
-            n: interval(v[k], None, resamples=args.resamples, seed=args.seed) for n, v in values.items()
-        }
-        for n in (CASCADE, LONG):
-            dice[classes.get(k, k)][f"{n}-{FULL}"] = interval(
-                values[n][k], values[FULL][k], resamples=args.resamples, seed=args.seed
-            )
+    summaries = {n: r["summary"] for n, r in results.items()}
+    dice = against(summaries, classes, FULL, resamples=args.resamples, seed=args.seed)["dice"]
     configs = {name: plans.configurations[name] for name in ("3d_fullres", "3d_lowres")}
     entry = {
         "machine": {**machine(), "threads": args.threads},

@@ -94,6 +94,21 @@ def interval(values: np.ndarray, reference: np.ndarray | None, *, resamples: int
     return result
 
 
+def against(summaries: dict[str, dict], classes: dict[str, str], reference: str, *, resamples: int, seed: int) -> dict:
+    """Dice per class and foreground mean of each run (an evaluation summary per name), each with its interval and
+    the paired difference ``<name>-<reference>``; ``classes`` maps label value (str) to name."""
+    values = {n: per_case(s, "dice", list(classes))[1] for n, s in summaries.items()}
+    stats: dict[str, dict] = {"dice": {}}
+    for k in [*classes, "mean"]:
+        row: dict[str, dict] = {}
+        for n, v in values.items():
+            row[n] = interval(v[k], None, resamples=resamples, seed=seed)
+            if n != reference and reference in values:
+                row[f"{n}-{reference}"] = interval(v[k], values[reference][k], resamples=resamples, seed=seed)
+        stats["dice"][classes.get(k, k)] = row
+    return stats
+
+
 def compare(summaries: dict[str, dict], metrics: list[str], classes: dict[str, str], *, resamples: int, seed: int):
     """Per metric and class (and foreground mean): each tool's mean with its interval, and the paired difference.
 

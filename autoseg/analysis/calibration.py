@@ -36,6 +36,7 @@ from autoseg.analysis.common import (
     fold_predictors,
     mean_foreground_dice,
     read_case,
+    run_options,
     save_figure,
     write_analysis_json,
 )
@@ -320,14 +321,10 @@ def command(args: argparse.Namespace) -> int:
     """``autoseg analyze calibration``."""
     report = analyze_calibration(
         args.run,
-        images=args.images,
-        labels=args.labels,
-        config=args.config,
         band=args.band,
         bins=args.bins,
-        device=args.device,
-        mirror_mode=args.mirror,
         store=not args.no_store,
+        **run_options(args),
     )
     print(
         f"{report['configuration']} on {report['source']} ({report['n_cases']} cases, "

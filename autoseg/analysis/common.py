@@ -29,6 +29,7 @@ if TYPE_CHECKING:  # the CLI imports this module to build its parser: torch and 
     from autoseg.planning.plans import Plans
 
 __all__ = [
+    "run_options",
     "ANALYSES",
     "Analysis",
     "AnalysisCase",
@@ -210,6 +211,17 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
         default="auto",
         help="test-time mirroring, as autoseg predict (auto: all on a GPU, single on a CPU)",
     )
+
+
+def run_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The keyword arguments of :func:`add_run_arguments`'s options (all but RUN), as every analysis takes them."""
+    return {
+        "images": args.images,
+        "labels": args.labels,
+        "config": args.config,
+        "device": args.device,
+        "mirror_mode": args.mirror,
+    }
 
 
 def _calibration_arguments(p: argparse.ArgumentParser) -> None:

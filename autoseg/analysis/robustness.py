@@ -26,6 +26,7 @@ from autoseg.analysis.common import (
     analysis_dir,
     fold_predictors,
     read_case,
+    run_options,
     save_figure,
     write_analysis_json,
 )
@@ -221,16 +222,12 @@ def command(args: argparse.Namespace) -> int:
 
         table = robustness_analysis(
             args.run,
-            images=args.images,
-            labels=args.labels,
-            config=args.config,
             n_cases=args.cases,
             perturbations=args.perturbations,
             levels=args.levels,
-            device=args.device,
-            mirror_mode=args.mirror,
             seed=args.seed,
             progress=progress,
+            **run_options(args),
         )
     print("\n".join(robustness_rows(table)))
     print(f"wrote {analysis_dir(args.run) / 'robustness.json'} and robustness.png")

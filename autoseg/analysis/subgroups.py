@@ -32,6 +32,7 @@ from autoseg.analysis.common import (
     fold_predictors,
     mean_foreground_dice,
     read_case,
+    run_options,
     save_figure,
     write_analysis_json,
 )
@@ -267,13 +268,9 @@ def command(args: argparse.Namespace) -> int:
         args.run,
         metadata=args.metadata,
         by=args.by,
-        images=args.images,
-        labels=args.labels,
-        config=args.config,
-        device=args.device,
-        mirror_mode=args.mirror,
         n_resamples=args.resamples,
         seed=args.seed,
+        **run_options(args),
     )
     print(f"{report['configuration']} on {report['source']}: {report['n_cases']} cases")
     for name, result in report["analyses"].items():
