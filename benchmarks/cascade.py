@@ -5,7 +5,8 @@
 
 Conditions (fixed before any result was seen; written into the results file):
 
-- data: the synthetic ``ct3d_context`` kind (seed 0; about 68 x 160 x 180 voxels of 2 x 1.2 x 1.2 mm): two
+- data: the synthetic ``ct3d_context`` kind (about 68 x 160 x 180 voxels of 2 x 1.2 x 1.2 mm; a fresh seed per
+  run, drawn unless ``--data-seed`` is given, and recorded: seed 0 was the development data): two
   kidney-like organs that look alike, one per side, and a heart on a random side; the organ on the heart's side is
   class 1, the other class 2, the heart class 3. ``--cases`` training cases; ``--test-cases`` further cases score
   only (nothing is chosen on them);
@@ -29,6 +30,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import secrets
 import shutil
 import sys
 import time
@@ -98,7 +100,8 @@ def main() -> None:
     parser.add_argument("--folds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--resamples", type=int, default=2000)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    parser.add_argument("--data-seed", type=int, help="seed of the synthetic cases (default: a fresh random one)")
     parser.add_argument("--keep", action="store_true", help="resume what an earlier run left in --work")
     parser.add_argument("--work", type=Path, default=HERE / "work" / "cascade")
     parser.add_argument("--results", type=Path, default=RESULTS, help="folder of cascade.json")
@@ -107,9 +110,14 @@ def main() -> None:
     if not args.keep and work.exists():
         shutil.rmtree(work)
     started = time.strftime("%Y-%m-%dT%H:%M:%S")
-    data = work / "data"
+    data, seed_file = work / "data", work / "data_seed.txt"
+    if seed_file.is_file():  # --keep: the cases already made
+        args.data_seed = int(seed_file.read_text())
+    elif args.data_seed is None:
+        args.data_seed = secrets.randbelow(2**31)
     if not (data / "dataset.json").is_file():
-        make_dataset(data, KIND, args.cases, test_cases=args.test_cases, seed=0)
+        make_dataset(data, KIND, args.cases, test_cases=args.test_cases, seed=args.data_seed)
+        seed_file.write_text(str(args.data_seed))
     run, long = _train(data, work, args)
     plans, selection = load_plans(run), load_selection(run)
     assert selection is not None
@@ -123,7 +131,7 @@ def main() -> None:
         "machine": {**machine(), "threads": args.threads},
         "conditions": " ".join((__doc__ or "").split("Conditions")[1].split("Adds the run")[0].split()),
         "started": started,
-        "dataset": {"kind": KIND, "seed": 0, "cases": args.cases, "test_cases": args.test_cases},
+        "dataset": {"kind": KIND, "seed": args.data_seed, "cases": args.cases, "test_cases": args.test_cases},
         "folds": args.folds,
         "iterations": {
             FULL: args.iterations,
