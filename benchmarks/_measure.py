@@ -11,6 +11,8 @@ import threading
 import time
 from pathlib import Path
 
+from autoseg.processes import tethered_command
+
 RESULTS = Path(__file__).resolve().parent / "results"
 AUTOSEG = [sys.executable, "-m", "autoseg.cli"]
 NNUNET_PYTHON = os.environ.get("NNUNET_PYTHON", "/work/nnunet-venv/bin/python")
@@ -93,7 +95,8 @@ def run_autoseg(args: list[str], log: Path, threads: int) -> float:
     log.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     with log.open("w") as fh:
-        done = subprocess.run([*AUTOSEG, *args], stdout=fh, stderr=subprocess.STDOUT, env=env)
+        command = tethered_command([*AUTOSEG, *args], os.getpid())  # ends when this script is killed
+        done = subprocess.run(command, stdout=fh, stderr=subprocess.STDOUT, env=env)
     if done.returncode:
         raise SystemExit(f"autoseg {' '.join(args)} failed (exit {done.returncode}); see {log}")
     return time.perf_counter() - start
