@@ -5,7 +5,7 @@
 
 Conditions (fixed before any result was seen; written into the results file):
 
-- data: the synthetic ``ct3d_context`` kind (about 68 x 160 x 180 voxels of 2 x 1.2 x 1.2 mm; a fresh seed per
+- data: the synthetic ``ct3d_context`` kind (about 68 x 240 x 270 voxels of 2 x 0.8 x 0.8 mm; a fresh seed per
   run, drawn unless ``--data-seed`` is given, and recorded: seed 0 was the development data): two
   kidney-like organs that look alike, one per side, and a heart on a random side; the organ on the heart's side is
   class 1, the other class 2, the heart class 3. ``--cases`` training cases; ``--test-cases`` further cases score

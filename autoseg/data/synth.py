@@ -10,7 +10,7 @@ They carry the difficulties of real data while staying small enough to train on 
 - ``ct3d_hard``: ``ct3d`` made harder for evaluation: every scan is oblique (its axes rotated up to 25 degrees
   against the anatomy, stored in the direction cosines), the lesion's and the organ's intensities overlap, and a
   second tiny class (cysts, darker than the organ and as dark as the tissue around it) lies in the organ.
-- ``ct3d_context``: large CT volumes (about 68 x 160 x 180 voxels) where the class of an organ depends on something
+- ``ct3d_context``: large CT volumes (about 68 x 240 x 270 voxels of 2 x 0.8 x 0.8 mm) where the class of an organ depends on something
   far away: two identical kidney-like organs, one on each side, and a heart on a random side (as in situs
   inversus); the organ on the heart's side is one class, the other organ another. A patch that sees one organ
   but not the heart cannot tell which it is; a whole-image view can (the case for the low-resolution cascade).
@@ -126,7 +126,7 @@ def _make_ct(rng: np.random.Generator, hard: bool = False) -> tuple[list[np.ndar
 
 
 def _make_ct_context(rng: np.random.Generator) -> tuple[list[np.ndarray], np.ndarray, Geometry]:
-    coords, geometry = _grid(rng, ((64, 72), (150, 170), (170, 190)), (2.0, 1.2, 1.2), 0.05)
+    coords, geometry = _grid(rng, ((64, 72), (225, 255), (255, 285)), (2.0, 0.8, 0.8), 0.05)
     extent = np.array(geometry.shape_zyx) * np.array(geometry.spacing_zyx) / 2
     body = _ellipsoid(coords, (0, 0, 0), (extent[0] * 1.5, extent[1] * 0.85, extent[2] * 0.9), rng, 0.05)
     heart_side = float(rng.choice((-1.0, 1.0)))  # coords are (z, y, x): x runs across the body
