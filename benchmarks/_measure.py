@@ -102,6 +102,14 @@ def run_autoseg(args: list[str], log: Path, threads: int) -> float:
     return time.perf_counter() - start
 
 
+def git_commit() -> str:
+    """The commit this code is at, with "+uncommitted changes in autoseg/" when the package differs from it."""
+    root = Path(__file__).resolve().parents[1]
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=root).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "autoseg"], capture_output=True, text=True, cwd=root)
+    return commit + ("+uncommitted changes in autoseg/" if dirty.stdout.strip() else "")
+
+
 def machine() -> dict:
     """Facts about the machine for the results file."""
     cpu = ""

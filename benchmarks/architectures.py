@@ -38,7 +38,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import _realdata  # noqa: E402
-from _measure import RESULTS, add_run, machine, print_table, run_autoseg  # noqa: E402
+from _measure import RESULTS, add_run, git_commit, machine, print_table, run_autoseg  # noqa: E402
 from real import against, metric_rows  # noqa: E402
 
 from autoseg.errors import PlanningError  # noqa: E402
@@ -158,6 +158,7 @@ def main() -> None:
         parser.error(f"unknown families {unknown}; registered: {', '.join(list_blocks())}")
     conditions = {
         "machine": {**machine(), "threads": args.threads},
+        "autoseg_commit": git_commit(),
         "conditions": " ".join((__doc__ or "").split("Conditions")[1].split("Writes")[0].split()),
         "budget": {"kind": "equal iterations", "iterations": args.iterations},
         "bootstrap": {"resamples": args.resamples, "seed": args.seed, "confidence": 0.95, "unit": "test case"},

@@ -38,7 +38,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _measure import RESULTS, add_run, machine, print_table, run_autoseg  # noqa: E402
+from _measure import RESULTS, add_run, git_commit, machine, print_table, run_autoseg  # noqa: E402
 from real import against, metric_rows  # noqa: E402
 
 from autoseg.data.synth import KINDS, make_dataset  # noqa: E402
@@ -109,7 +109,7 @@ def main() -> None:
     work = args.work.resolve()
     if not args.keep and work.exists():
         shutil.rmtree(work)
-    started = time.strftime("%Y-%m-%dT%H:%M:%S")
+    started, commit = time.strftime("%Y-%m-%dT%H:%M:%S"), git_commit()
     data, seed_file = work / "data", work / "data_seed.txt"
     if seed_file.is_file():  # --keep: the cases already made
         args.data_seed = int(seed_file.read_text())
@@ -129,6 +129,7 @@ def main() -> None:
     configs = {name: plans.configurations[name] for name in ("3d_fullres", "3d_lowres")}
     entry = {
         "machine": {**machine(), "threads": args.threads},
+        "autoseg_commit": commit,
         "conditions": " ".join((__doc__ or "").split("Conditions")[1].split("Adds the run")[0].split()),
         "started": started,
         "dataset": {"kind": KIND, "seed": args.data_seed, "cases": args.cases, "test_cases": args.test_cases},

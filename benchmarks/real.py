@@ -42,7 +42,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import _realdata  # noqa: E402
 import end_to_end as e2e  # noqa: E402
-from _measure import NNUNET_PYTHON, add_run, machine, print_table  # noqa: E402
+from _measure import NNUNET_PYTHON, add_run, git_commit, machine, print_table  # noqa: E402
 
 from autoseg.evaluation.statistics import paired_bootstrap  # noqa: E402
 
@@ -205,14 +205,12 @@ def tool_settings(sides: dict[str, e2e.Side]) -> dict:
 
 
 def versions() -> dict:
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=HERE).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "autoseg"], capture_output=True, text=True, cwd=HERE.parent)
     code = "import importlib.metadata as m; print(m.version('nnunetv2'), m.version('torch'))"
     nn_versions = subprocess.run([NNUNET_PYTHON, "-c", code], capture_output=True, text=True).stdout.split()
     import torch
 
     return {
-        "autoseg_commit": commit + ("+uncommitted changes in autoseg/" if dirty.stdout.strip() else ""),
+        "autoseg_commit": git_commit(),
         "torch_autoseg": torch.__version__,
         "nnunetv2": nn_versions[0] if nn_versions else None,
         "torch_nnunet": nn_versions[1] if len(nn_versions) > 1 else None,

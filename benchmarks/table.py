@@ -420,11 +420,36 @@ def architectures(d: Data) -> Iterator[Cells]:
                 yield f"architecture {family}, {dataset}", "not yet measured", "-", "-", f"{e.get('note', '')}; {cond}"
 
 
+def cascade(d: Data) -> Iterator[Cells]:
+    """``cascade.json`` of benchmarks/cascade.py: one row per configuration of each run, against 3d_fullres."""
+    for group, runs in d["runs"].items():
+        for started, e in runs.items():
+            mean, m, ds, cv = e["dice"]["dice"]["mean"], e["machine"], e["dataset"], e["cross_validation"]
+            code = e.get("autoseg_commit", "?")[:7]
+            cond = (
+                f"synthetic {ds['kind']} (seed {ds['seed']}), {ds['cases']} training / {ds['test_cases']} test cases; "
+                f"{e['folds']} folds, each fold's model ensembled on the test cases, no mirroring; select chose "
+                f"{cv['chosen']}; 95% bootstrap over test cases; autoseg {code}; one core, "
+                f"{m['threads']} thread; {m['cpu']}, {m['cores']} cores, {started} ({group})"
+            )
+            for name, iterations in e["iterations"].items():
+                if name not in mean:
+                    continue  # 3d_lowres: scored only as the cascade's first stage
+                cv_dice = cv["candidates"].get(name)
+                ours = f"test Dice {_ci(mean[name])}; {iterations} it per fold"
+                ours += f" (+{e['iterations']['3d_lowres']} of 3d_lowres)" if "cascade" in name else ""
+                ours += f"; CV Dice {cv_dice:.3f}" if cv_dice is not None else ""
+                ours += f"; train {e['train_s'][name]:.0f} s, predict {e['predict_s'][name]:.0f} s"
+                diff = mean.get(f"{name}-3d_fullres")
+                comp = "reference" if diff is None else f"vs 3d_fullres, paired: {_ci(diff)}"
+                yield f"cascade benchmark: {name}", ours, "-", comp, cond
+
+
 #: Row builders in table order; each reads the files ``<its name>*.json``.
 BUILDERS: tuple[Callable[[Data], Iterator[Cells]], ...] = (
     fingerprint, preprocess, dataloader, train_step, inference, train_cpu_plan, precision, end_to_end, real,
     memory_model, search, fold_compare, budget_split, bounded_memory, onnx_cpu, calibration, robustness, subgroups,
-    architectures,
+    architectures, cascade,
 )  # fmt: skip
 
 

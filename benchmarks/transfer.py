@@ -36,7 +36,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import _realdata  # noqa: E402
-from _measure import RESULTS, add_run, machine, print_table  # noqa: E402
+from _measure import RESULTS, add_run, git_commit, machine, print_table  # noqa: E402
 
 from autoseg.data.synth import make_dataset  # noqa: E402
 from autoseg.evaluation.evaluate import evaluate_folders  # noqa: E402
@@ -122,12 +122,13 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=HERE / "work" / "transfer")
     parser.add_argument("--cores", type=int, nargs="+", default=[0])
     parser.add_argument("--resamples", type=int, default=10000)
+    parser.add_argument("--results", type=Path, default=RESULTS, help="folder of transfer.json and transfer.png")
     args = parser.parse_args()
     os.sched_setaffinity(0, set(args.cores))
     import torch
 
     torch.set_num_threads(len(args.cores))
-    started = time.strftime("%Y-%m-%dT%H:%M:%S")
+    started, commit = time.strftime("%Y-%m-%dT%H:%M:%S"), git_commit()
     hippo = _realdata.DATASETS["hippocampus"]
     work = args.work / started.replace(":", "")
     everything = _realdata.materialise(hippo, work / "all")
@@ -182,7 +183,8 @@ def main() -> None:
                 }
             )
     print_table(rows, ["labels", "method", "test Dice [95% CI]", "minus scratch"])
-    png = RESULTS / "transfer.png"
+    args.results.mkdir(parents=True, exist_ok=True)
+    png = args.results / "transfer.png"
     plot(results, png)
     entry = {
         "conditions": {
@@ -194,11 +196,12 @@ def main() -> None:
             "cores": args.cores,
         },
         "machine": machine(),
+        "autoseg_commit": commit,
         "seconds": seconds,
         "results": results,
         "png": png.name,
     }
-    path = add_run("transfer", {"dataset": "hippocampus"}, f"{args.iterations}it", started, entry)
+    path = add_run("transfer", {"dataset": "hippocampus"}, f"{args.iterations}it", started, entry, folder=args.results)
     print(f"written: {path}, {png}")
 
 
