@@ -406,6 +406,8 @@ def architectures(d: Data) -> Iterator[Cells]:
                 f"each, fold all; {e['test_cases']} test cases, 95% bootstrap; one core, {m['threads']} thread; "
                 f"{m['cpu']}, {m['cores']} cores, {started}"
             )
+            if "merged" in e:
+                cond += "; some families trained in a second run with --keep (the file's `merged` says which and when)"
             for family, r in e["families"].items():
                 what = f"architecture {family}, {dataset}"
                 if "excluded" in r:

@@ -10,10 +10,11 @@ They carry the difficulties of real data while staying small enough to train on 
 - ``ct3d_hard``: ``ct3d`` made harder for evaluation: every scan is oblique (its axes rotated up to 25 degrees
   against the anatomy, stored in the direction cosines), the lesion's and the organ's intensities overlap, and a
   second tiny class (cysts, darker than the organ and as dark as the tissue around it) lies in the organ.
-- ``ct3d_context``: large CT volumes (about 68 x 240 x 270 voxels of 2 x 0.8 x 0.8 mm) where the class of an organ depends on something
-  far away: two identical kidney-like organs, one on each side, and a heart on a random side (as in situs
-  inversus); the organ on the heart's side is one class, the other organ another. A patch that sees one organ
-  but not the heart cannot tell which it is; a whole-image view can (the case for the low-resolution cascade).
+- ``ct3d_context``: large CT volumes (about 68 x 240 x 270 voxels of 2 x 0.8 x 0.8 mm) where the class of an
+  organ depends on something far away: two identical kidney-like organs, one on each side, and a heart on a random
+  side (as in situs inversus); the organ on the heart's side is one class, the other organ another. A patch that
+  sees one organ but not the heart cannot tell which it is; a whole-image view can (the case for the
+  low-resolution cascade).
 
 Objects are placed in physical (mm) coordinates and sampled on each case's grid, so shapes, spacings and
 origins vary from case to case without distorting the anatomy. ``labelsTs/`` holds the truth of the test cases.
