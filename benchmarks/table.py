@@ -59,6 +59,7 @@ AUDIT: dict[str, tuple[str, str | None, str]] = {
     "subgroups_dsb2018.json": ("undated", None, ""),
     "robustness_dsb2018.json": ("undated", None, ""),
     "architectures.json": ("2026-12-07T19:53:50", None, ""),
+    "cascade.json": ("2026-12-07T22:28:45", None, ""),
 }
 Data = dict[str, Any]
 Cells = tuple[str, str, str, str, str]  # benchmark, autoseg, nnU-Net v2, comparison, conditions
