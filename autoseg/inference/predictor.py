@@ -26,7 +26,7 @@ from autoseg.inference.postprocessing import PostprocessingSpec, apply_postproce
 from autoseg.inference.selection import load_selection
 from autoseg.inference.sliding_window import sliding_window_logits, sliding_window_rows
 from autoseg.inference.streaming import can_stream, labels_from_bands, mean_bands, paint_labels
-from autoseg.inference.uncertainty import load_calibration
+from autoseg.inference.uncertainty import load_calibration, uncertainty_maps
 from autoseg.networks.builder import build_network
 from autoseg.planning.plans import Configuration, Plans, load_plans
 from autoseg.preprocessing.preprocess import preprocess_case, revert
@@ -381,7 +381,7 @@ class Predictor:
         result = Prediction(labels=labels, geometry=geometry)
         if uncertainty:
             assert total is not None
-            result.entropy, result.disagreement, result.scores = _uncertainty(
+            result.entropy, result.disagreement, result.scores = uncertainty_maps(
                 total, labels, member_maps, bool(self.plans.regions)
             )
         if keep_probabilities:
@@ -429,27 +429,3 @@ def _class_probabilities(
     assert total is not None
     total /= len(means)
     return total
-
-
-def _uncertainty(
-    probs: np.ndarray, labels: np.ndarray, member_maps: list[np.ndarray], regions: bool
-) -> tuple[np.ndarray, np.ndarray | None, dict[str, float]]:
-    """Normalised entropy map, member disagreement map and per-case scores."""
-    eps = 1e-7
-    if regions:  # independent binary entropies, averaged over regions
-        p = np.clip(probs, eps, 1 - eps)
-        entropy = -(p * np.log(p) + (1 - p) * np.log(1 - p)).mean(0) / np.log(2)
-    else:
-        entropy = -(probs * np.log(np.clip(probs, eps, 1))).sum(0) / np.log(probs.shape[0])
-    entropy = entropy.astype(np.float32)
-    foreground = labels > 0
-    scores = {
-        "mean_entropy": float(entropy.mean()),
-        "mean_entropy_foreground": float(entropy[foreground].mean()) if foreground.any() else 0.0,
-    }
-    disagreement = None
-    if member_maps:
-        disagreement = np.mean([m != labels for m in member_maps], axis=0).astype(np.float32)
-        region = foreground | np.any([m > 0 for m in member_maps], axis=0)
-        scores["mean_disagreement_foreground"] = float(disagreement[region].mean()) if region.any() else 0.0
-    return entropy, disagreement, scores

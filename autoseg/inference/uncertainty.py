@@ -7,7 +7,7 @@ reports the chosen score as ``uncertainty`` beside the others.
 
 Scores (higher = less trustworthy):
 
-- ``mean_entropy_foreground``: mean normalised entropy over the predicted foreground (:class:`Predictor`);
+- ``mean_entropy_foreground``: mean normalised entropy over the predicted foreground (:func:`uncertainty_maps`);
 - ``mean_disagreement_foreground``: share of ensemble members whose label differs, over any member's foreground;
 - ``flip_volume_cv``: coefficient of variation of the predicted foreground volume over the image as given and
   flipped along each axis (one prediction each, without test-time mirroring).
@@ -25,7 +25,15 @@ from autoseg.errors import ConfigError
 from autoseg.runfolder import RunFolder
 from autoseg.serialization import load_json, save_json
 
-__all__ = ["Calibration", "SCORES", "DEFAULT_SCORE", "load_calibration", "save_calibration", "flip_volume_cv"]
+__all__ = [
+    "Calibration",
+    "SCORES",
+    "DEFAULT_SCORE",
+    "load_calibration",
+    "save_calibration",
+    "flip_volume_cv",
+    "uncertainty_maps",
+]
 
 SCORES = ("mean_entropy_foreground", "mean_disagreement_foreground", "flip_volume_cv")
 DEFAULT_SCORE = "mean_entropy_foreground"
@@ -77,3 +85,29 @@ def flip_volume_cv(predictor, image: np.ndarray, geometry: Geometry) -> float:
         predictor.mirror_mode = mode
     mean = float(np.mean(volumes))
     return float(np.std(volumes) / mean) if mean > 0 else 0.0
+
+
+def uncertainty_maps(
+    probs: np.ndarray, labels: np.ndarray, member_maps: list[np.ndarray], regions: bool
+) -> tuple[np.ndarray, np.ndarray | None, dict[str, float]]:
+    """Normalised entropy map (0..1), the share of members that disagree with ``labels`` per voxel (None without
+    member maps), and the per-case scores: mean entropy, over the foreground too, and mean disagreement over
+    the voxels any member or the ensemble calls foreground."""
+    eps = 1e-7
+    if regions:  # independent binary entropies, averaged over regions
+        p = np.clip(probs, eps, 1 - eps)
+        entropy = -(p * np.log(p) + (1 - p) * np.log(1 - p)).mean(0) / np.log(2)
+    else:
+        entropy = -(probs * np.log(np.clip(probs, eps, 1))).sum(0) / np.log(probs.shape[0])
+    entropy = entropy.astype(np.float32)
+    foreground = labels > 0
+    scores = {
+        "mean_entropy": float(entropy.mean()),
+        "mean_entropy_foreground": float(entropy[foreground].mean()) if foreground.any() else 0.0,
+    }
+    disagreement = None
+    if member_maps:
+        disagreement = np.mean([m != labels for m in member_maps], axis=0).astype(np.float32)
+        region = foreground | np.any([m > 0 for m in member_maps], axis=0)
+        scores["mean_disagreement_foreground"] = float(disagreement[region].mean()) if region.any() else 0.0
+    return entropy, disagreement, scores
