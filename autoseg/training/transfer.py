@@ -117,32 +117,14 @@ def transfer_weights(
     return report
 
 
-def _pretraining_skip(model: torch.nn.Module) -> tuple[str, ...]:
-    """What a pretraining checkpoint must not give a segmentation network: the output heads (they reconstructed
-    images) and the scale and shift of the decoder's normalisation layers.
-
-    Regressing intensities drives the decoder's norm scales and shifts far from 1 and 0 (measured on Hippocampus:
-    scales up to 244 in the last stage, shifts up to 32), so a fresh segmentation head on top of them starts with
-    logits in the hundreds and the first steps wreck the network (fine-tuning loss 3.5, then stuck at 1.39 where
-    training from scratch reached 0.5). Reset, each layer normalises to unit scale again, and the decoder's
-    convolutions keep what they learned.
-    """
-    norms = (torch.nn.modules.batchnorm._NormBase, torch.nn.GroupNorm, torch.nn.LayerNorm)
-    decoder_norms = [
-        f"{name}."
-        for name, module in model.named_modules()
-        if name.startswith(("decoder.", "upsample.")) and isinstance(module, norms)
-    ]
-    return ("heads.", *decoder_norms)
-
-
 def initialise_from(model: torch.nn.Module, spec: str, config: str) -> TransferReport:
     """Initialise ``model`` (configuration ``config``) from the checkpoint ``spec`` names; logs the report."""
     path = resolve_source(spec, config)
     state = load_checkpoint(path)
     if "network" not in state:
         raise ConfigError(f"training.init_from: {path} holds no network weights")
-    skip = _pretraining_skip(model) if state.get("pretraining") else ()
+    # a pretraining run's output head reconstructs images: never the start of a segmentation head
+    skip = ("heads.",) if state.get("pretraining") else ()
     report = transfer_weights(model, state["network"], str(path), skip=skip)
     if not report.copied and not report.adapted:
         raise ConfigError(
