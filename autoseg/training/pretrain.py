@@ -48,7 +48,7 @@ from autoseg.training.curves import plot_training_curves
 from autoseg.training.loader import BatchLoader, BatchRecipe, CaseData
 from autoseg.training.schedule import build_optimizer, learning_rate
 
-__all__ = ["MASK_RATIO", "PretrainOptions", "masked_input", "pretrain"]
+__all__ = ["MASK_RATIO", "PretrainOptions", "masked_input", "masked_mse", "pretrain"]
 
 log = logging.getLogger(__name__)
 
@@ -98,8 +98,10 @@ def masked_input(
     return data * (1 - hidden), hidden
 
 
-def _masked_mse(output: torch.Tensor, targets: list[torch.Tensor]) -> torch.Tensor:
-    image, hidden = targets
+def masked_mse(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean squared error on the hidden voxels. ``target`` is the image with the mask as its last channel (one
+    tensor, as :func:`~autoseg.networks.step.train_step` hands a network of one output its first target)."""
+    image, hidden = target[:, :-1], target[:, -1:]
     return ((output.float() - image) ** 2 * hidden).sum() / (hidden.sum() * image.shape[1]).clamp_min(1)
 
 
@@ -112,8 +114,9 @@ def _epoch(network, optimizer, batches, c, epoch: int, seed: int, device: torch.
     for _ in tqdm(range(c.training.iterations_per_epoch), desc=f"pretrain {epoch + 1}", leave=False, disable=None):
         image = torch.from_numpy(next(batches)["data"]).to(device)
         masked, hidden = masked_input(image, c.network.total_stride, MASK_RATIO, generator)
+        target = torch.cat([image, hidden], 1)
         step = train_step(
-            network, optimizer, scaler, _masked_mse, masked, [image, hidden], dtype=None, grad_clip=c.training.grad_clip
+            network, optimizer, scaler, masked_mse, masked, [target], dtype=None, grad_clip=c.training.grad_clip
         )
         losses.append(step)
     return float(np.mean(losses))

@@ -18,7 +18,7 @@ from autoseg.planning.plans import load_plans
 from autoseg.runfolder import RunFolder, record_dataset
 from autoseg.training import pretrain as pretrain_module
 from autoseg.training.checkpoint import load_checkpoint
-from autoseg.training.pretrain import PretrainOptions, masked_input, pretrain
+from autoseg.training.pretrain import PretrainOptions, masked_input, masked_mse, pretrain
 from autoseg.training.schedule import learning_rate
 from autoseg.training.transfer import resolve_source, transfer_weights
 
@@ -111,6 +111,16 @@ def test_masked_input_hides_whole_blocks():
     assert torch.all(blocks.amax((2, 4)) == blocks.amin((2, 4)))
 
 
+def test_masked_mse_is_the_mean_squared_error_on_the_hidden_voxels_of_each_sample():
+    image = torch.tensor([[[1.0, 2.0, 3.0]], [[-4.0, 5.0, -6.0]]])  # batch 2, one channel, 3 voxels
+    hidden = torch.tensor([[[1.0, 0.0, 1.0]], [[0.0, 1.0, 0.0]]])
+    output = torch.tensor([[[0.0, 0.0, 0.0]], [[0.0, 3.0, 0.0]]])
+    # hidden errors: 1 and 3 (sample 0), 2 (sample 1): (1 + 9 + 4) / 3
+    loss = masked_mse(output, torch.cat([image, hidden], 1))
+    assert float(loss) == pytest.approx(14 / 3)
+    assert float(masked_mse(image, torch.cat([image, hidden], 1))) == 0.0
+
+
 def test_pretrain_resumes_exactly_and_fine_tunes_into_a_segmentation_run(tmp_path, monkeypatch):
     data = make_dataset(tmp_path / "data", "ct3d", cases=3, test_cases=0, seed=3)
     run = tmp_path / "run"
@@ -136,6 +146,8 @@ def test_pretrain_resumes_exactly_and_fine_tunes_into_a_segmentation_run(tmp_pat
     a, b = load_checkpoint(whole)["network"], load_checkpoint(resumed)["network"]
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert (resumed.parent / "training_curve.png").is_file()
+    losses = [json.loads(line)["train_loss"] for line in (resumed.parent / "log.jsonl").read_text().splitlines()]
+    assert len(losses) == 2 and all(0 <= x < 10 for x in losses)  # a squared error of z-scored intensities
     # the pretrained encoder and decoder start a segmentation run; the reconstruction head does not
     assert main(["preprocess", str(run), "-c", "3d_fullres", "-j", "1"]) == 0
     args = ["train", str(run), "-c", "3d_fullres", "-f", "all", "--device", "cpu", "-j", "0"]
