@@ -448,11 +448,31 @@ def cascade(d: Data) -> Iterator[Cells]:
                 yield f"cascade benchmark: {name}", ours, "-", comp, cond
 
 
+def transfer(d: Data) -> Iterator[Cells]:
+    """``transfer.json`` of benchmarks/transfer.py: one row per run, label count and method."""
+    for group, runs in d["runs"].items():
+        for started, e in runs.items():
+            c, m = e["conditions"], e["machine"]
+            cond = (
+                f"{d['dataset']}, the first N training-part cases labelled, {len(c['test_cases'])} fixed test cases; "
+                f"{c['fine_tune_iterations']} fine-tuning iterations every method; pretraining "
+                f"{c['pretrain_iterations']} iterations of masked image modelling on every training-part image (no "
+                f"labels, no test image); other dataset: synthetic mr3d, {c['source_iterations']} iterations; "
+                f"mean foreground Dice, 95% bootstrap over test cases; autoseg {e.get('autoseg_commit', '?')[:7]}; "
+                f"cores {c['cores']}; {m['cpu']}, {m['cores']} cores, {started} ({group})"
+            )
+            for n, methods in e["results"].items():
+                for method, r in methods.items():
+                    diff = r["minus_scratch"]
+                    comp = "reference" if diff is None else f"vs scratch, paired: {_ci(diff)}"
+                    yield f"transfer, {n} labelled cases: {method}", f"Dice {_ci(r['dice'])}", "-", comp, cond
+
+
 #: Row builders in table order; each reads the files ``<its name>*.json``.
 BUILDERS: tuple[Callable[[Data], Iterator[Cells]], ...] = (
     fingerprint, preprocess, dataloader, train_step, inference, train_cpu_plan, precision, end_to_end, real,
     memory_model, search, fold_compare, budget_split, bounded_memory, onnx_cpu, calibration, robustness, subgroups,
-    architectures, cascade,
+    architectures, cascade, transfer,
 )  # fmt: skip
 
 
