@@ -465,7 +465,10 @@ def transfer(d: Data) -> Iterator[Cells]:
                 for method, r in methods.items():
                     diff = r["minus_scratch"]
                     comp = "reference" if diff is None else f"vs scratch, paired: {_ci(diff)}"
-                    yield f"transfer, {n} labelled cases: {method}", f"Dice {_ci(r['dice'])}", "-", comp, cond
+                    ours = f"Dice {_ci(r['dice'])}"
+                    if method in e.get("invalid", {}):  # kept as reported, with why it measures nothing
+                        ours += f" — **invalid: {e['invalid'][method]}**"
+                    yield f"transfer, {n} labelled cases: {method}", ours, "-", comp, cond
 
 
 #: Row builders in table order; each reads the files ``<its name>*.json``.
