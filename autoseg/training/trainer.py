@@ -225,7 +225,7 @@ def _train(
         log.info("%s: already trained (checkpoint_final.pt exists); nothing to do", out)
         return out
     if not latest.exists() and t.init_from:  # a new fold fine-tuned from another run's weights
-        report = initialise_from(model, t.init_from, c.name)
+        report = initialise_from(model, t.init_from, c.name, plans.labels)
         if main:
             write_text_atomic(out / "transfer.json", json.dumps(dataclasses.asdict(report), indent=2) + "\n")
     if latest.exists():

@@ -20,7 +20,7 @@ from autoseg.training import pretrain as pretrain_module
 from autoseg.training.checkpoint import load_checkpoint
 from autoseg.training.pretrain import PretrainOptions, masked_input, masked_mse, pretrain
 from autoseg.training.schedule import learning_rate
-from autoseg.training.transfer import resolve_source, transfer_weights
+from autoseg.training.transfer import initialise_from, resolve_source, transfer_weights
 
 TINY = ["training.epochs=1", "training.iterations_per_epoch=2", "training.val_iterations=1"]
 
@@ -48,6 +48,24 @@ def test_mismatched_channels_are_adapted_and_new_heads_reinitialised():
     for name in report.copied:
         torch.testing.assert_close(state[name], theirs[name])
     assert len(report.copied) + len(report.adapted) + len(report.reinitialised) == len(state)
+
+
+
+@pytest.mark.parametrize("same_labels", [True, False])
+def test_heads_are_copied_only_when_the_source_segmented_the_same_labels(tmp_path, same_labels):
+    torch.manual_seed(0)
+    labels = {"background": 0, "anterior": 1, "posterior": 2}
+    theirs = labels if same_labels else {"background": 0, "gland": 1, "lesion": 2}
+    checkpoint = tmp_path / "source" / "models" / "3d_fullres" / "fold_all" / "checkpoint_final.pt"
+    checkpoint.parent.mkdir(parents=True)
+    (tmp_path / "source" / "plans.json").write_text(json.dumps({"labels": theirs}))
+    source = build_network(_spec(), 1, 3)
+    torch.save({"network": source.state_dict()}, checkpoint)
+    target = build_network(_spec(), 1, 3)
+    report = initialise_from(target, str(checkpoint), "3d_fullres", labels)
+    heads = [n for n in target.state_dict() if n.startswith("heads.")]
+    assert heads and set(heads) <= set(report.copied if same_labels else report.reinitialised)
+    assert not [n for n in report.reinitialised if not n.startswith("heads.")]
 
 
 def test_warm_up_rises_to_the_schedule():
