@@ -60,6 +60,7 @@ AUDIT: dict[str, tuple[str, str | None, str]] = {
     "robustness_dsb2018.json": ("undated", None, ""),
     "architectures.json": ("2026-12-07T19:53:50", None, ""),
     "cascade.json": ("2026-12-07T22:28:45", None, ""),
+    "transfer.json": ("2026-12-08T00:19:33", None, ""),
 }
 Data = dict[str, Any]
 Cells = tuple[str, str, str, str, str]  # benchmark, autoseg, nnU-Net v2, comparison, conditions
@@ -461,6 +462,7 @@ def transfer(d: Data) -> Iterator[Cells]:
                 f"mean foreground Dice, 95% bootstrap over test cases; autoseg {e.get('autoseg_commit', '?')[:7]}; "
                 f"cores {c['cores']}; {m['cpu']}, {m['cores']} cores, {started} ({group})"
             )
+            cond += f"; {e['notes']}" if e.get("notes") else ""
             for n, methods in e["results"].items():
                 for method, r in methods.items():
                     diff = r["minus_scratch"]
