@@ -120,10 +120,11 @@ def transfer_weights(
 
 def _source_labels(checkpoint: Path) -> dict[str, int] | None:
     """The labels of the run a checkpoint ``RUN/models/CONFIG/fold_F/*.pt`` belongs to (None when unknown)."""
-    plans = checkpoint.parent.parent.parent.parent / "plans.json"
-    if checkpoint.parent.parent.parent.name != "models" or not plans.is_file():
+    parents = checkpoint.resolve().parents
+    if len(parents) < 4 or parents[2] != RunFolder(parents[3]).models or not RunFolder(parents[3]).plans.is_file():
         return None
-    return dict(json.loads(plans.read_text()).get("labels") or {}) or None
+    run = RunFolder(parents[3])
+    return dict(json.loads(run.plans.read_text()).get("labels") or {}) or None
 
 
 def initialise_from(
